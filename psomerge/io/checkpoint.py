@@ -1,0 +1,210 @@
+"""Lazy, memory-mapped access to the tensors of a Hugging Face checkpoint folder.
+
+A merge touches one tensor name at a time across all models, so nothing here loads a
+whole state dict: safetensors files are memory-mapped and read tensor by tensor, and
+`.bin` files (the fallback) are opened with ``torch.load(mmap=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from psomerge.errors import CheckpointError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, read without touching tensor data."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            return json.loads(f.read(size))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+class Checkpoint:
+    """A checkpoint folder opened lazily. ``name`` is how errors refer to it."""
+
+    def __init__(self, path: str | Path, name: str | None = None):
+        self.path = Path(path)
+        self.name = name or str(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"model {self.name!r}: {self.path} is not a directory")
+        self._handles: dict[str, Any] = {}  # open safetensors files / mmapped .bin dicts
+        self.config: dict[str, Any] = self._read_config()
+        self.format, self._infos = self._index()
+
+    # -- discovery -----------------------------------------------------------------
+    def _read_config(self) -> dict[str, Any]:
+        cfg = self.path / "config.json"
+        if not cfg.exists():
+            raise CheckpointError(f"model {self.name!r}: no config.json in {self.path}")
+        try:
+            return json.loads(cfg.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"model {self.name!r}: {cfg} is not valid JSON ({exc})") from exc
+
+    def _index(self) -> tuple[str, dict[str, TensorInfo]]:
+        p = self.path
+        if (p / SAFETENSORS_INDEX).exists():
+            files = sorted(set(self._weight_map(p / SAFETENSORS_INDEX).values()))
+            return "safetensors", self._safetensors_infos(files)
+        if (p / SAFETENSORS_SINGLE).exists():
+            return "safetensors", self._safetensors_infos([SAFETENSORS_SINGLE])
+        if (p / BIN_INDEX).exists():
+            return "bin", self._bin_infos(sorted(set(self._weight_map(p / BIN_INDEX).values())))
+        if (p / BIN_SINGLE).exists():
+            return "bin", self._bin_infos([BIN_SINGLE])
+        raise CheckpointError(
+            f"model {self.name!r}: no weights in {p} (looked for {SAFETENSORS_INDEX}, "
+            f"{SAFETENSORS_SINGLE}, {BIN_INDEX}, {BIN_SINGLE})"
+        )
+
+    def _weight_map(self, index_path: Path) -> dict[str, str]:
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"model {self.name!r}: bad index file {index_path} ({exc})") from exc
+        for fname in set(weight_map.values()):
+            if not (self.path / fname).exists():
+                raise CheckpointError(
+                    f"model {self.name!r}: {index_path.name} names shard {fname}, which is missing"
+                )
+        return weight_map
+
+    def _safetensors_infos(self, files: list[str]) -> dict[str, TensorInfo]:
+        infos: dict[str, TensorInfo] = {}
+        for fname in files:
+            header = read_safetensors_header(self.path / fname)
+            for tname, meta in header.items():
+                if tname == "__metadata__":
+                    continue
+                dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
+                if dtype is None:
+                    raise CheckpointError(
+                        f"model {self.name!r}: tensor {tname!r} has unsupported dtype {meta['dtype']}"
+                    )
+                infos[tname] = TensorInfo(tname, tuple(meta["shape"]), dtype, fname)
+        return infos
+
+    def _bin_infos(self, files: list[str]) -> dict[str, TensorInfo]:
+        infos: dict[str, TensorInfo] = {}
+        for fname in files:
+            for tname, t in self._bin_state(fname).items():
+                infos[tname] = TensorInfo(tname, tuple(t.shape), t.dtype, fname)
+        return infos
+
+    def _bin_state(self, fname: str) -> dict[str, torch.Tensor]:
+        if fname not in self._handles:
+            try:
+                state = torch.load(
+                    self.path / fname, map_location="cpu", mmap=True, weights_only=True
+                )
+            except Exception as exc:  # torch raises many types for corrupt files
+                raise CheckpointError(f"model {self.name!r}: cannot read {fname} ({exc})") from exc
+            self._handles[fname] = state
+        return self._handles[fname]
+
+    # -- access --------------------------------------------------------------------
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise CheckpointError(f"model {self.name!r} has no tensor {name!r}") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name``, memory-mapped where the format allows it."""
+        info = self.info(name)
+        if self.format == "bin":
+            return self._bin_state(info.file)[name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = safe_open(str(self.path / info.file), framework="pt", device="cpu")
+            self._handles[info.file] = handle
+        return handle.get_tensor(name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype most floating-point tensors are stored in."""
+        counts: dict[torch.dtype, int] = {}
+        for info in self._infos.values():
+            if info.dtype.is_floating_point:
+                counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
+        return max(counts, key=counts.get) if counts else torch.float32
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(i.numel for i in self._infos.values())
+
+    def weight_files(self) -> list[Path]:
+        return sorted({self.path / i.file for i in self._infos.values()})
+
+    def fingerprint(self) -> str:
+        """Content hash of the weight files (what the tensors are, not where they live)."""
+        h = hashlib.blake2b(digest_size=16)
+        for f in self.weight_files():
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.name!r}, {len(self._infos)} tensors, {self.format})"

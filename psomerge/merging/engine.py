@@ -1,0 +1,83 @@
+"""Run a static merge recipe over checkpoint folders, streaming one tensor name at a time.
+
+Peak memory is the inputs of one tensor name (memory-mapped) plus the fp32 working copies
+and one output tensor, so models larger than RAM merge.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from psomerge.io import Checkpoint, StreamingSafetensorsWriter, check_compatible, check_finite, copy_model_files
+from psomerge.io.writer import DEFAULT_SHARD_BYTES
+from psomerge.merging.recipe import MergeRecipe
+from psomerge.merging.task_vectors import generator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out_dir: Path
+    method: str
+    num_tensors: int
+    num_parameters: int
+    seconds: float
+
+
+def run_merge(
+    recipe: MergeRecipe,
+    out_dir: str | Path,
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    on_tensor: Callable[[str], None] | None = None,
+) -> MergeResult:
+    start = time.perf_counter()
+    method = recipe.method
+    merged = recipe.merged_models()
+    ckpts = [Checkpoint(recipe.resolve_path(m.model), name=m.model) for _, m in merged]
+    base = Checkpoint(recipe.resolve_path(recipe.base_model), name=recipe.base_model) if recipe.base_model else None
+    reference = base or ckpts[0]
+    check_compatible(reference, [c for c in ckpts if c is not reference])
+    out_dtype = recipe.output_dtype(reference.dtype)
+    names = reference.tensor_names
+    plan = []
+    for name in names:
+        info = reference.info(name)
+        plan.append((name, info.shape, out_dtype if info.dtype.is_floating_point else info.dtype))
+
+    log.info("merging %d tensors of %d model(s) with %s", len(names), len(ckpts), method.name)
+    out_dir = Path(out_dir)
+    with StreamingSafetensorsWriter(out_dir, plan, max_shard_bytes) as writer:
+        for name in names:
+            ref_tensor = reference.get(name)
+            if not ref_tensor.is_floating_point():
+                writer.write(name, ref_tensor)  # integer buffers are copied from the base
+                continue
+            tensors = [c.get(name) for c in ckpts]
+            for ckpt, t in zip(ckpts, tensors):
+                check_finite(t, ckpt.name, name)
+            if base is not None:
+                check_finite(ref_tensor, base.name, name)
+            params = [recipe.model_params(i, name) for i, _ in merged]
+            gens = [generator(recipe.seed, m.model, name) for _, m in merged]
+            result = method.merge(
+                ref_tensor if base is not None else None, tensors, params, recipe.options(name), gens
+            )
+            writer.write(name, result.to(out_dtype))
+            if on_tensor:
+                on_tensor(name)
+    copy_model_files(reference.path, out_dir, out_dtype)
+    return MergeResult(
+        out_dir=out_dir,
+        method=method.name,
+        num_tensors=len(names),
+        num_parameters=reference.num_parameters,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,166 @@
+"""mergekit-compatible merge recipes (YAML), validated with errors naming file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from psomerge.errors import ConfigError
+from psomerge.merging.methods import MergeMethod, MergeOptions, ModelParams, get_method
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+# A parameter is a number, or mergekit's filter list: [{filter: "mlp", value: 0.5}, {value: 1}].
+ParamValue = float | int | bool | str | list[dict[str, Any]]
+
+
+class RecipeModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, ParamValue] = {}
+
+
+class MergeRecipe(BaseModel):
+    """mergekit's recipe format for the methods psomerge implements."""
+
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    base_model: str | None = None
+    models: list[RecipeModel]
+    parameters: dict[str, ParamValue] = {}
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    seed: int = 0  # psomerge extension: seeds DARE / DELLA masks (mergekit draws unseeded)
+    source: str = "<recipe>"  # where it came from, for error messages
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MergeRecipe":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read recipe ({exc.strerror})") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<recipe>") -> "MergeRecipe":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: a recipe is a mapping with merge_method, models, ...")
+        if "slices" in data:
+            raise ConfigError(f"{source}: key 'slices' (layer-wise passthrough) is not supported; use 'models'")
+        try:
+            recipe = cls(**data, source=source)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            raise ConfigError(f"{source}: key {key!r}: {err['msg']}") from None
+        recipe.check()
+        return recipe
+
+    # -- semantics -----------------------------------------------------------------
+    @property
+    def method(self) -> MergeMethod:
+        return get_method(self.merge_method)
+
+    def check(self) -> None:
+        method = self.method
+        if method.requires_base and not self.base_model:
+            raise ConfigError(f"{self.source}: merge_method {self.merge_method!r} needs 'base_model'")
+        if self.tokenizer_source not in (None, "base"):
+            raise ConfigError(
+                f"{self.source}: tokenizer_source {self.tokenizer_source!r} is not supported: "
+                "psomerge merges models that share the base tokenizer (use 'base' or omit it)"
+            )
+        for key in self.parameters:
+            if key not in method.shared_keys and key not in method.model_keys:
+                raise ConfigError(
+                    f"{self.source}: parameters.{key} is not a parameter of {self.merge_method} "
+                    f"(known: {', '.join(sorted(method.shared_keys | method.model_keys))})"
+                )
+        for i, entry in enumerate(self.models):
+            if "+" in entry.model:
+                raise ConfigError(f"{self.source}: models[{i}].model {entry.model!r}: LoRA '+' syntax is not supported")
+            if self.is_base(entry):
+                continue
+            for key in entry.parameters:
+                if key not in method.model_keys and key not in method.shared_keys:
+                    raise ConfigError(
+                        f"{self.source}: models[{i}].parameters.{key} is not a parameter of "
+                        f"{self.merge_method} (known: {', '.join(sorted(method.model_keys))})"
+                    )
+            if "weight" not in entry.parameters and "weight" not in self.parameters:
+                raise ConfigError(f"{self.source}: models[{i}].parameters.weight is required")
+        for dkey in ("dtype", "out_dtype"):
+            value = getattr(self, dkey)
+            if value is not None and value not in DTYPES:
+                raise ConfigError(f"{self.source}: {dkey} {value!r} is not one of {sorted(DTYPES)}")
+
+    def is_base(self, entry: RecipeModel) -> bool:
+        """For task-arithmetic methods the base listed among models contributes no delta."""
+        return self.method.requires_base and entry.model == self.base_model
+
+    def merged_models(self) -> list[tuple[int, RecipeModel]]:
+        return [(i, m) for i, m in enumerate(self.models) if not self.is_base(m)]
+
+    def output_dtype(self, base_dtype: torch.dtype) -> torch.dtype:
+        name = self.out_dtype or self.dtype
+        return DTYPES[name] if name else base_dtype
+
+    def options(self, tensor_name: str) -> MergeOptions:
+        normalize = self.parameters.get("normalize", self.method.default_normalize)
+        return MergeOptions(
+            normalize=bool(_resolve(normalize, tensor_name, "parameters.normalize", self.source)),
+            lam=float(_resolve(self.parameters.get("lambda", 1.0), tensor_name, "parameters.lambda", self.source)),
+            rescale=str(self.parameters.get("rescale", "inverse")),  # type: ignore[arg-type]
+        )
+
+    def model_params(self, index: int, tensor_name: str) -> ModelParams:
+        entry = self.models[index]
+        values: dict[str, float] = {}
+        for key in ("weight", "density", "epsilon"):
+            raw = entry.parameters.get(key, self.parameters.get(key))
+            if raw is not None:
+                values[key] = float(_resolve(raw, tensor_name, f"models[{index}].parameters.{key}", self.source))
+        return ModelParams(**values)
+
+    def resolve_path(self, ref: str) -> Path:
+        """A model reference: a local folder, relative to the working directory or the recipe."""
+        candidates = [Path(ref)]
+        if not Path(ref).is_absolute() and self.source != "<recipe>":
+            candidates.append(Path(self.source).parent / ref)
+        for c in candidates:
+            if c.is_dir():
+                return c
+        raise ConfigError(
+            f"{self.source}: model {ref!r} is not a local folder (psomerge reads local checkpoint "
+            "folders; download hub models first)"
+        )
+
+
+def _resolve(value: ParamValue, tensor_name: str, key: str, source: str) -> float | bool | str:
+    """A scalar, or the first entry of a filter list whose filter occurs in the tensor name."""
+    if isinstance(value, list):
+        for item in value:
+            if not isinstance(item, dict) or "value" not in item:
+                raise ConfigError(
+                    f"{source}: {key}: list entries must be {{filter: ..., value: ...}}; "
+                    "gradient lists (per-layer interpolation) are not supported"
+                )
+            if "filter" not in item or item["filter"] in tensor_name:
+                return item["value"]
+        raise ConfigError(f"{source}: {key}: no filter matches tensor {tensor_name!r} (add a default {{value: ...}})")
+    return value

@@ -1,0 +1,92 @@
+"""Sparsifiers of task vectors: magnitude top-k (TIES), random drop (DARE), magnitude
+sampling (DELLA). Each takes a delta and returns a sparsified delta of the same shape.
+
+Rescaling after a random drop: ``inverse`` divides each kept entry by its keep
+probability (the DARE and DELLA papers, MergeLM); ``l1`` scales the masked delta back to
+its original L1 norm (mergekit's choice); ``none`` keeps the masked values.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Rescale = Literal["inverse", "l1", "none"]
+
+
+def magnitude_topk(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the k = max(1, int(density * numel)) largest-magnitude entries (TIES trim).
+
+    Uses a k-th value threshold (linear time) instead of a full argsort; entries tied at
+    the threshold are kept in index order so exactly k survive.
+    """
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    if density <= 0 or n == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * n))
+    mag = delta.abs().reshape(-1)
+    threshold = torch.kthvalue(mag, n - k + 1).values
+    keep = mag > threshold
+    short = k - int(keep.sum())
+    if short > 0:  # fill from the entries equal to the threshold
+        tied = torch.nonzero(mag == threshold).reshape(-1)[:short]
+        keep[tied] = True
+    return delta * keep.reshape(delta.shape)
+
+
+def _rescaled(delta: torch.Tensor, mask: torch.Tensor, keep_prob: torch.Tensor | float, rescale: Rescale):
+    masked = delta * mask
+    if rescale == "inverse":
+        return masked / keep_prob
+    if rescale == "l1":
+        before, after = delta.abs().sum(), masked.abs().sum()
+        if before < 1e-7 or after < 1e-7:
+            return masked
+        return masked * (before / after)
+    if rescale == "none":
+        return masked
+    raise ValueError(f"unknown rescale {rescale!r}: use inverse, l1 or none")
+
+
+def dare(
+    delta: torch.Tensor, drop_rate: float, generator: torch.Generator, rescale: Rescale = "inverse"
+) -> torch.Tensor:
+    """DARE: drop each entry with probability ``drop_rate``, rescale the survivors."""
+    if not 0 <= drop_rate < 1:
+        raise ValueError(f"DARE drop rate must be in [0, 1), got {drop_rate}")
+    if drop_rate == 0:
+        return delta
+    keep = 1.0 - drop_rate
+    mask = torch.rand(delta.shape, generator=generator) < keep
+    return _rescaled(delta, mask, keep, rescale)
+
+
+def della(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator,
+    rescale: Rescale = "inverse",
+) -> torch.Tensor:
+    """DELLA MagPrune: keep probabilities rise linearly with magnitude rank within each row,
+    from density - epsilon (smallest) to density + epsilon (largest); survivors rescaled."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    if not (0 < density - epsilon and density + epsilon <= 1):
+        raise ValueError(
+            f"DELLA needs 0 < density - epsilon and density + epsilon <= 1 "
+            f"(density={density}, epsilon={epsilon})"
+        )
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    width = rows.shape[1]
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).float()  # 0 = smallest magnitude
+    rank_frac = ranks / max(width - 1, 1)
+    keep_prob = (density - epsilon) + 2 * epsilon * rank_frac
+    mask = torch.rand(rows.shape, generator=generator) < keep_prob
+    out = _rescaled(rows, mask, keep_prob, rescale)
+    return out.reshape(delta.shape)
