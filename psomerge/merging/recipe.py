@@ -74,7 +74,10 @@ class MergeRecipe(BaseModel):
     # -- semantics -----------------------------------------------------------------
     @property
     def method(self) -> MergeMethod:
-        return get_method(self.merge_method)
+        try:
+            return get_method(self.merge_method)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.source}: {exc}") from None
 
     def check(self) -> None:
         method = self.method

@@ -1,0 +1,122 @@
+"""Command line: ``psomerge merge``, ``psomerge demo``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from psomerge.errors import PsomergeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Merge expert LLMs by particle swarm optimisation.")
+console = Console(stderr=True)
+
+
+def _setup(verbose: bool) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _fail(exc: PsomergeError) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(2)
+
+
+def _parse_size(text: str) -> int:
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    text = text.strip().upper().removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+@app.command()
+def merge(
+    recipe: Annotated[Path, typer.Argument(help="mergekit-style YAML recipe")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    shard_size: Annotated[str, typer.Option(help="maximum shard size, e.g. 2G, 500M")] = "2G",
+    verbose: bool = False,
+) -> None:
+    """Merge checkpoints with a static method (linear, task_arithmetic, ties, dare_*, della*)."""
+    _setup(verbose)
+    from psomerge.merging.engine import run_merge
+    from psomerge.merging.recipe import MergeRecipe
+
+    try:
+        parsed = MergeRecipe.load(recipe)
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as progress:
+            task = progress.add_task(f"{parsed.merge_method}", total=None)
+
+            def tick(name: str) -> None:
+                progress.advance(task)
+
+            result = run_merge(parsed, out, max_shard_bytes=_parse_size(shard_size), on_tensor=tick)
+    except PsomergeError as exc:
+        _fail(exc)
+    console.print(
+        f"merged {result.num_tensors} tensors ({result.num_parameters / 1e6:.1f}M parameters) "
+        f"with {result.method} in {result.seconds:.1f}s -> {result.out_dir}"
+    )
+
+
+@app.command()
+def demo(
+    data_dir: Annotated[Optional[Path], typer.Option(help="where demo models and caches live (default $PSOMERGE_HOME or ./.psomerge)")] = None,
+    verbose: bool = False,
+) -> None:
+    """Build the demo experts (cached) and print a held-out table of base, experts and static merges."""
+    _setup(verbose)
+    from psomerge.demo.build import DemoSpec
+    from psomerge.demo.run import run_static_demo
+    from psomerge.paths import data_dir as default_data_dir
+    from psomerge.report import score_table
+
+    root = data_dir or default_data_dir()
+    spec = DemoSpec()
+    try:
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as progress:
+            bars: dict[str, int] = {}
+
+            def on_build(name: str, step: int, total: int) -> None:
+                if name not in bars:
+                    label = "pretraining base" if name == "base" else f"fine-tuning expert {name}"
+                    bars[name] = progress.add_task(label, total=total)
+                progress.update(bars[name], completed=step)
+
+            report = run_static_demo(root, spec, on_build_progress=on_build, on_stage=lambda m: console.log(m))
+    except PsomergeError as exc:
+        _fail(exc)
+    Console().print(score_table("held-out exact match (static merges)", report.rows, report.suites))
+    console.print(f"demo models under {report.assets.root}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

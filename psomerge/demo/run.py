@@ -1,0 +1,100 @@
+"""The static-merge demo: build the demo experts, merge them with every static method,
+and evaluate base, experts and merges on the held-out split of every eval suite."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from psomerge.demo.build import DemoAssets, DemoSpec, build_demo
+from psomerge.evalsuite import EvalSuite, Split
+from psomerge.evaluation import EvalResult, evaluate
+from psomerge.judges import ExactMatch
+from psomerge.judges.generation import TransformersGenerator
+from psomerge.merging.engine import run_merge
+from psomerge.merging.recipe import MergeRecipe
+
+OPTIMISATION_SIZE = 60
+MAX_NEW_TOKENS = 10
+
+# One recipe per static baseline. Weights and densities follow common practice
+# (task arithmetic lambda ~ 1/N scaled up, TIES/DARE densities 0.5 / 0.3 keep rates).
+STATIC_BASELINES: dict[str, dict[str, Any]] = {
+    "average": {"merge_method": "linear", "weight": 1.0},
+    "task_arithmetic": {"merge_method": "task_arithmetic", "weight": 0.7},
+    "ties": {"merge_method": "ties", "weight": 1.0, "density": 0.5, "lambda": 1.0},
+    "dare_linear": {"merge_method": "dare_linear", "weight": 0.7, "density": 0.3},
+    "dare_ties": {"merge_method": "dare_ties", "weight": 1.0, "density": 0.3},
+    "della": {"merge_method": "della", "weight": 1.0, "density": 0.4, "epsilon": 0.1, "lambda": 1.0},
+}
+
+
+def baseline_recipe(name: str, base: Path, experts: list[Path], seed: int = 0) -> MergeRecipe:
+    spec = dict(STATIC_BASELINES[name])
+    method = spec.pop("merge_method")
+    lam = spec.pop("lambda", None)
+    data: dict[str, Any] = {
+        "merge_method": method,
+        "models": [{"model": str(p), "parameters": dict(spec)} for p in experts],
+        "seed": seed,
+    }
+    if method != "linear":
+        data["base_model"] = str(base)
+    if lam is not None:
+        data["parameters"] = {"lambda": lam}
+    return MergeRecipe.from_dict(data, source=f"<baseline {name}>")
+
+
+def demo_suites(assets: DemoAssets) -> list[EvalSuite]:
+    return [
+        EvalSuite.from_file(
+            name,
+            path,
+            prompt_template="{question}",
+            answer_field="answer",
+            id_field="id",
+            scorer=ExactMatch("none"),
+            optimisation_size=OPTIMISATION_SIZE,
+        )
+        for name, path in assets.datasets.items()
+    ]
+
+
+@dataclass
+class DemoReport:
+    assets: DemoAssets
+    suites: list[EvalSuite]
+    rows: list[tuple[str, EvalResult]]
+
+
+def evaluate_folder(path: Path, suites: list[EvalSuite], split: Split) -> EvalResult:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    return evaluate(TransformersGenerator(model, tokenizer, batch_size=256, max_new_tokens=MAX_NEW_TOKENS), suites, split)
+
+
+def run_static_demo(
+    data_dir: Path,
+    spec: DemoSpec = DemoSpec(),
+    split: Split = "heldout",
+    on_build_progress=None,
+    on_stage=None,
+) -> DemoReport:
+    assets = build_demo(data_dir, spec, on_build_progress)
+    suites = demo_suites(assets)
+    stage = on_stage or (lambda msg: None)
+    rows: list[tuple[str, EvalResult]] = []
+    stage("evaluating base and experts")
+    rows.append(("base", evaluate_folder(assets.base, suites, split)))
+    for name, path in assets.experts.items():
+        rows.append((f"expert:{name}", evaluate_folder(path, suites, split)))
+    experts = list(assets.experts.values())
+    for name in STATIC_BASELINES:
+        stage(f"merging and evaluating {name}")
+        out = assets.root / "merged" / name
+        run_merge(baseline_recipe(name, assets.base, experts, spec.seed), out)
+        rows.append((name, evaluate_folder(out, suites, split)))
+    return DemoReport(assets, suites, rows)

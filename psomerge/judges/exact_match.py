@@ -1,0 +1,73 @@
+"""Exact match after answer normalisation."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from psomerge.errors import ConfigError
+from psomerge.judges.protocol import Example, Score
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def normalize_text(s: str) -> str:
+    """Case-folded, whitespace collapsed, surrounding punctuation stripped."""
+    return " ".join(s.strip().casefold().split()).strip(" .")
+
+
+def extract_number(s: str) -> str:
+    """The answer number of free text: after GSM8K's '####', else after 'the answer is',
+    else the last number. Commas and trailing '.0' are dropped; '' when there is none."""
+    for marker in ("####", "the answer is"):
+        pos = s.casefold().rfind(marker)
+        if pos >= 0:
+            found = _NUMBER.search(s[pos + len(marker):])
+            if found:
+                return _canonical_number(found.group())
+    found = _NUMBER.findall(s)
+    return _canonical_number(found[-1]) if found else ""
+
+
+def _canonical_number(n: str) -> str:
+    n = n.replace(",", "")
+    if "." in n:
+        n = n.rstrip("0").rstrip(".")
+    return n
+
+
+def extract_choice(s: str) -> str:
+    """A multiple-choice letter: '(B)', 'B.', 'Answer: b', 'B' -> 'B'."""
+    m = re.search(r"(?:answer\s*(?:is)?\s*:?\s*)?\(?\b([A-Ja-j])\b\)?", s.strip())
+    return m.group(1).upper() if m else ""
+
+
+NORMALIZERS: dict[str, Callable[[str], str]] = {
+    "none": lambda s: s.strip(),
+    "text": normalize_text,
+    "number": extract_number,
+    "choice": extract_choice,
+}
+
+
+@dataclass(frozen=True)
+class ExactMatch:
+    """1.0 when the normalised answer equals the normalised reference."""
+
+    normalizer: str = "text"
+    name: str = "exact_match"
+
+    def __post_init__(self) -> None:
+        if self.normalizer not in NORMALIZERS:
+            raise ConfigError(
+                f"exact_match: normalizer {self.normalizer!r} is not one of {sorted(NORMALIZERS)}"
+            )
+
+    def config(self) -> dict[str, Any]:
+        return {"type": self.name, "normalizer": self.normalizer}
+
+    def score(self, examples: Sequence[Example], answers: Sequence[str]) -> list[Score]:
+        norm = NORMALIZERS[self.normalizer]
+        return [Score(float(norm(a) == norm(ex.answer) and norm(ex.answer) != "")) for ex, a in zip(examples, answers)]

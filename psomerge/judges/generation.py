@@ -1,0 +1,75 @@
+"""Generation backends: batched greedy decoding on one resident model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GenerationStats:
+    calls: int = 0
+    prompts: int = 0
+    new_tokens: int = 0
+
+
+class TransformersGenerator:
+    """Greedy, batched generation with a transformers causal LM kept resident.
+
+    The swarm overwrites the model's weights in place between particles, so this object
+    is built once per worker.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        batch_size: int = 64,
+        max_new_tokens: int = 16,
+        stop: Sequence[str] = ("\n",),
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.stop = tuple(stop)
+        self.stats = GenerationStats()
+        tokenizer.padding_side = "left"  # decoder-only: new tokens follow the prompt directly
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    def config(self) -> dict:
+        """Generation settings that change answers: part of cache keys."""
+        return {"backend": "transformers", "max_new_tokens": self.max_new_tokens, "stop": list(self.stop), "greedy": True}
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str]) -> list[str]:
+        out: list[str] = []
+        device = next(self.model.parameters()).device
+        for start in range(0, len(prompts), self.batch_size):
+            batch = list(prompts[start : start + self.batch_size])
+            enc = self.tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=True).to(device)
+            gen = self.model.generate(
+                **enc,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
+            new = gen[:, enc["input_ids"].shape[1]:]
+            self.stats.new_tokens += int((new != self.tokenizer.pad_token_id).sum())
+            for text in self.tokenizer.batch_decode(new, skip_special_tokens=True):
+                out.append(self._cut(text))
+        self.stats.calls += 1
+        self.stats.prompts += len(prompts)
+        return out
+
+    def _cut(self, text: str) -> str:
+        for s in self.stop:
+            pos = text.find(s)
+            if pos >= 0:
+                text = text[:pos]
+        return text

@@ -1,0 +1,19 @@
+import os
+
+# Offline and quiet before any library is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from psomerge.demo.synthetic import llama_config, make_family  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory):
+    """A random fp32 base and three perturbed experts (tiny Llama)."""
+    root = tmp_path_factory.mktemp("family")
+    return make_family(root, n_experts=3, config=llama_config(), noise=0.02)
