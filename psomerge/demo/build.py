@@ -35,8 +35,7 @@ class DemoSpec:
     batch_size: int = 64
     pretrain_steps: int = 1500
     pretrain_lr: float = 3e-3
-    pretrain_hard_share: float = 0.25  # share of pretraining drawn from the experts' own tasks
-    expert_steps: int = 200
+    expert_steps: int = 300
     expert_lr: float = 3e-4
     eval_examples_per_task: int = 300  # split later into optimisation and held-out
     tasks: tuple[str, ...] = tuple(t.name for t in DEMO_TASKS)
@@ -70,6 +69,7 @@ def build_demo(
     root = Path(data_dir) / "demo" / spec.key()
     assets = DemoAssets.at(root, spec)
     if (root / "BUILT").exists():
+        _point_current(root)
         return assets
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -91,11 +91,12 @@ def build_demo(
     tokenizer = char_tokenizer(ALPHABET)
     torch.manual_seed(spec.seed)
     base = LlamaForCausalLM(tiny_llama_config(len(tokenizer), spec.hidden, spec.layers, spec.heads))
-    # Pretraining mix: copying, easy variants of every task (the format), and a small share
-    # of the hard tasks, so the base is a weak generalist and experts need only small deltas.
-    mix = [(copy(1, 8), 0.5 * (1 - spec.pretrain_hard_share))]
-    mix += [(t.easy, 0.5 * (1 - spec.pretrain_hard_share) / len(tasks)) for t in tasks.values()]
-    mix += [(t.hard, spec.pretrain_hard_share / len(tasks)) for t in tasks.values()]
+    # Pretraining mix: copying, easy variants of every task (the format), and each task's
+    # small share of hard examples, so the base is a weak generalist.
+    hard_share = sum(t.pretrain_share for t in tasks.values())
+    mix = [(copy(1, 8), 0.5 * (1 - hard_share))]
+    mix += [(t.easy, 0.5 * (1 - hard_share) / len(tasks)) for t in tasks.values()]
+    mix += [(t.hard, t.pretrain_share) for t in tasks.values() if t.pretrain_share > 0]
     started = time.perf_counter()
     train(base, tokenizer, mix, spec.pretrain_steps, spec.pretrain_lr, spec.batch_size, spec.seed, all_eval,
           lambda s: on_progress and on_progress("base", s, spec.pretrain_steps))
@@ -114,7 +115,19 @@ def build_demo(
     (tmp / "BUILT").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
+    _point_current(root)
     return assets
+
+
+def _point_current(root: Path) -> None:
+    """``demo/current`` -> the latest build, so recipes in configs/ can name stable paths."""
+    link = root.parent / "current"
+    if link.is_symlink() and link.readlink() == Path(root.name):
+        return
+    tmp = root.parent / f".current.{root.name}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(root.name, target_is_directory=True)
+    tmp.replace(link)
 
 
 def train(

@@ -49,17 +49,20 @@ def copy(lo: int, hi: int) -> Generator:
 @dataclass(frozen=True)
 class DemoTask:
     """An expert's task: ``hard`` is what the expert learns and what is evaluated; ``easy``
-    goes into the base's pretraining mix so the base knows the format but not the skill."""
+    goes into the base's pretraining mix so the base knows the format but not the skill.
+    Experts fine-tuned from a base that has some of the skill need only small deltas, which
+    is what makes merging them meaningful."""
 
     name: str
     hard: Generator
     easy: Generator
+    pretrain_share: float  # share of pretraining drawn from ``hard``: tuned so the base is weak, not blind
 
 
 DEMO_TASKS: tuple[DemoTask, ...] = (
-    DemoTask("addition", hard=addition(10, 99), easy=addition(0, 9)),
-    DemoTask("reversal", hard=reversal(4, 7), easy=reversal(1, 2)),
-    DemoTask("sorting", hard=digit_sort(4, 7), easy=digit_sort(1, 2)),
+    DemoTask("addition", hard=addition(10, 99), easy=addition(0, 9), pretrain_share=0.06),
+    DemoTask("reversal", hard=reversal(5, 8), easy=reversal(1, 3), pretrain_share=0.003),
+    DemoTask("sorting", hard=digit_sort(6, 9), easy=digit_sort(1, 3), pretrain_share=0.01),
 )
 
 # Characters the demo tokenizer knows: every task's prompts and answers fit in it.

@@ -1,0 +1,169 @@
+"""The swarm's basis: base, experts and DARE-sparsified experts (K = 2N+1 models).
+
+DARE experts are written to disk once (seeded masks, streamed tensor by tensor) and reused
+when the inputs and settings match. A particle is a (G, K) coefficient matrix; it is
+materialised into one resident model in place, tensor by tensor:
+``param = sum_j alpha[g, j] * B_j``, with no second model allocated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from psomerge.errors import ConfigError
+from psomerge.io import Checkpoint, StreamingSafetensorsWriter, check_compatible, check_finite, copy_model_files
+from psomerge.merging.sparsify import dare
+from psomerge.merging.task_vectors import generator, task_vector
+
+log = logging.getLogger(__name__)
+
+Granularity = Literal["model", "layer", "tensor"]
+Storage = Literal["ram", "mmap", "cuda"]
+_LAYER = re.compile(r"\.layers?\.(\d+)\.|\.h\.(\d+)\.|\.blocks?\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class BasisSpec:
+    drop_rate: float = 0.8  # DARE p; survivors rescaled by 1 / (1 - p)
+    seed: int = 0
+    granularity: Granularity = "model"
+
+
+def tensor_groups(names: Sequence[str], granularity: Granularity) -> tuple[list[str], dict[str, int]]:
+    """Group labels and each tensor's group index.
+
+    ``layer``: one group per transformer block, plus one for the tensors before the first
+    block (embeddings) and one for those after it (final norm, LM head).
+    """
+    if granularity == "model":
+        return ["all"], {n: 0 for n in names}
+    if granularity == "tensor":
+        return list(names), {n: i for i, n in enumerate(names)}
+    if granularity != "layer":
+        raise ConfigError(f"granularity {granularity!r} is not one of model, layer, tensor")
+    labels: list[str] = []
+    index: dict[str, int] = {}
+    seen_layer = False
+    for n in names:
+        m = _LAYER.search(n)
+        if m:
+            label = f"layer{next(g for g in m.groups() if g is not None)}"
+            seen_layer = True
+        else:
+            label = "head" if seen_layer else "embed"
+        if label not in labels:
+            labels.append(label)
+        index[n] = labels.index(label)
+    return labels, index
+
+
+class Basis:
+    """K checkpoints sharing names and shapes; tensors read lazily or held stacked."""
+
+    def __init__(self, members: Sequence[Checkpoint], labels: Sequence[str], fingerprint: str,
+                 granularity: Granularity = "model", storage: Storage = "ram"):
+        self.members = list(members)
+        self.labels = list(labels)
+        self.fingerprint = fingerprint
+        self.names = [n for n in members[0].tensor_names if members[0].info(n).dtype.is_floating_point]
+        self.group_labels, self.group_of = tensor_groups(self.names, granularity)
+        self.granularity = granularity
+        self.storage = storage
+        self._stacked: dict[str, torch.Tensor] = {}
+        if storage in ("ram", "cuda"):
+            device = "cuda" if storage == "cuda" else "cpu"
+            for n in self.names:  # one fp32 copy of the basis; nothing else is per particle
+                self._stacked[n] = torch.stack([m.get(n).float() for m in self.members]).to(device)
+
+    @property
+    def k(self) -> int:
+        return len(self.members)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_labels)
+
+    def stacked(self, name: str) -> torch.Tensor | list[torch.Tensor]:
+        if self._stacked:
+            return self._stacked[name]
+        return [m.get(name) for m in self.members]  # memory-mapped
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._stacked.values())
+
+    @torch.no_grad()
+    def materialise(self, coeffs: np.ndarray, model: torch.nn.Module) -> None:
+        """Overwrite ``model``'s weights in place with the particle ``coeffs`` (G x K)."""
+        coeffs = np.asarray(coeffs, dtype=np.float64)
+        if coeffs.shape != (self.num_groups, self.k):
+            raise ValueError(f"coefficients of shape {coeffs.shape}, basis needs {(self.num_groups, self.k)}")
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for name in self.names:
+            param = params.get(name)
+            if param is None:
+                continue  # e.g. a buffer, or a tied weight the model does not expose
+            alpha = coeffs[self.group_of[name]].tolist()
+            weighted_sum_into(param.data, self.stacked(name), alpha)
+
+
+def weighted_sum_into(out: torch.Tensor, tensors: torch.Tensor | Sequence[torch.Tensor], alpha: Sequence[float]) -> None:
+    """out = sum_j alpha_j * tensors[j], in place: one multiply, then K-1 fused adds."""
+    first = tensors[0]
+    if first.dtype == out.dtype:
+        torch.mul(first, alpha[0], out=out)
+    else:  # a bf16 memory-mapped basis member into an fp32 model
+        out.copy_(first).mul_(alpha[0])
+    for t, a in zip(tensors[1:], alpha[1:]):
+        out.add_(t, alpha=a)
+
+
+def build_basis(
+    base: str | Path,
+    experts: Sequence[str | Path],
+    cache_dir: str | Path,
+    spec: BasisSpec = BasisSpec(),
+    storage: Storage = "ram",
+) -> Basis:
+    """Open base and experts, write (or reuse) their DARE versions, return the basis."""
+    base_ck = Checkpoint(base, name=str(base))
+    expert_cks = [Checkpoint(e, name=str(e)) for e in experts]
+    check_compatible(base_ck, expert_cks)
+    fps = [base_ck.fingerprint()] + [e.fingerprint() for e in expert_cks]
+    key = hashlib.blake2b(json.dumps([fps, spec.drop_rate, spec.seed]).encode(), digest_size=12).hexdigest()
+    root = Path(cache_dir) / key
+    dare_paths = [root / f"dare{i}" for i in range(len(experts))]
+    if not all((p / "config.json").exists() for p in dare_paths):
+        log.info("writing %d DARE experts (p=%.2f) to %s", len(experts), spec.drop_rate, root)
+        for i, (expert, path) in enumerate(zip(expert_cks, dare_paths)):
+            _write_dare_expert(base_ck, expert, path, spec, tag=fps[i + 1])
+    dare_cks = [Checkpoint(p, name=f"dare({expert_cks[i].name})") for i, p in enumerate(dare_paths)]
+    labels = ["base"] + [f"expert:{Path(e).name}" for e in experts] + [f"dare:{Path(e).name}" for e in experts]
+    return Basis([base_ck, *expert_cks, *dare_cks], labels, key, spec.granularity, storage)
+
+
+def _write_dare_expert(base: Checkpoint, expert: Checkpoint, out: Path, spec: BasisSpec, tag: str) -> None:
+    plan = [(n, base.info(n).shape, base.info(n).dtype) for n in base.tensor_names]
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted build
+    with StreamingSafetensorsWriter(partial, plan) as writer:
+        for name in base.tensor_names:
+            b, e = base.get(name), expert.get(name)
+            if not b.is_floating_point():
+                writer.write(name, b)
+                continue
+            check_finite(e, expert.name, name)
+            delta = dare(task_vector(e, b), spec.drop_rate, generator(spec.seed, tag, name))
+            writer.write(name, (b.float() + delta).to(b.dtype))
+    copy_model_files(base.path, partial, base.dtype)
+    partial.rename(out)
