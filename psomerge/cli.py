@@ -22,7 +22,7 @@ console = Console(stderr=True)
 def _setup(verbose: bool) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )
@@ -110,8 +110,58 @@ def demo(
             report = run_static_demo(root, spec, on_build_progress=on_build, on_stage=lambda m: console.log(m))
     except PsomergeError as exc:
         _fail(exc)
-    Console().print(score_table("held-out exact match (static merges)", report.rows, report.suites))
+    Console(width=max(console.width, 110)).print(score_table("held-out exact match (static merges)", report.rows, report.suites))
     console.print(f"demo models under {report.assets.root}")
+
+
+@app.command()
+def swarm(
+    config: Annotated[Optional[Path], typer.Argument(help="run config YAML (default: the demo experts)")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="pso | model_swarms | cmaes (overrides the config)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="optimisation steps (overrides the config)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the run's last checkpoint")] = False,
+    verbose: bool = False,
+) -> None:
+    """Run PSO-Merging (or Model Swarms, CMA-ES) and print per-step progress and a held-out table."""
+    _setup(verbose)
+    from rich.table import Table
+
+    from psomerge.api import run_swarm
+    from psomerge.config import RunConfig
+    from psomerge.demo.build import build_demo
+    from psomerge.demo.run import demo_run_config
+    from psomerge.paths import data_dir
+    from psomerge.report import score_table
+
+    try:
+        if config is None:
+            cfg = demo_run_config(build_demo(data_dir()), optimizer or "pso", steps if steps is not None else 5)
+        else:
+            cfg = RunConfig.load(config)
+            overrides = {k: v for k, v in (("type", optimizer), ("steps", steps)) if v is not None}
+            if overrides:
+                cfg = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update=overrides)})
+        progress = Table(title=f"{cfg.name}: {cfg.optimizer.type} ({cfg.basis.granularity} granularity)",
+                         title_justify="left")
+        for col in ("step", "global best", *[s.name for s in cfg.suites], "mean", "std", "scorings", "cache hits"):
+            progress.add_column(col, justify="right")
+        out = Console(width=max(console.width, 110))
+
+        def on_step(r) -> None:
+            row = [str(r.step), f"{r.best_fitness:.3f}", *[f"{r.best_scores.get(s.name, 0):.3f}" for s in cfg.suites],
+                   f"{r.mean_fitness:.3f}", f"{r.std_fitness:.3f}", str(r.counts.get("scorings", 0)),
+                   str(r.counts.get("cache_hits", 0))]
+            progress.add_row(*row)
+            out.print(" | ".join(f"{c.header}={v}" for c, v in zip(progress.columns, row)))
+
+        run = run_swarm(cfg, resume=resume, on_step=on_step)
+    except PsomergeError as exc:
+        _fail(exc)
+    out.print(progress)
+    out.print(score_table("held-out (never read by the search)", run.heldout, run.suites))
+    c = run.counts
+    out.print(f"fitness calls {c['fitness_calls']}, scorings {c['scorings']}, cache hits {c['cache_hits']}, "
+              f"generated tokens {c['generated_tokens']}; merged model: {run.output_dir / 'model'}")
 
 
 def main() -> None:  # pragma: no cover

@@ -98,3 +98,22 @@ def run_static_demo(
         run_merge(baseline_recipe(name, assets.base, experts, spec.seed), out)
         rows.append((name, evaluate_folder(out, suites, split)))
     return DemoReport(assets, suites, rows)
+
+
+def demo_run_config(assets: DemoAssets, optimizer: str = "pso", steps: int = 5, name: str | None = None):
+    """The swarm run config for the demo experts (what configs/demo.yaml spells out)."""
+    from psomerge.config import RunConfig
+
+    return RunConfig.from_dict({
+        "name": name or f"demo-{optimizer}",
+        "base": str(assets.base),
+        "experts": [str(p) for p in assets.experts.values()],
+        "suites": [
+            {"name": n, "dataset": str(p), "prompt_template": "{question}", "answer_field": "answer",
+             "id_field": "id", "judge": {"type": "exact_match", "normalizer": "none"},
+             "optimisation_size": OPTIMISATION_SIZE}
+            for n, p in assets.datasets.items()
+        ],
+        "generation": {"max_new_tokens": MAX_NEW_TOKENS, "batch_size": 256},
+        "optimizer": {"type": optimizer, "steps": steps},
+    }, source="<demo>")

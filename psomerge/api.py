@@ -1,0 +1,155 @@
+"""The Python API of a swarm run: config in, merged model and per-task report out.
+
+Everything here is plain library code; the Prefect flows wrap the same steps as tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from psomerge.config import OptimizerConfig, RunConfig, SuiteConfig
+from psomerge.evalsuite import EvalSuite
+from psomerge.evaluation import EvalResult, evaluate
+from psomerge.io import StreamingSafetensorsWriter, copy_model_files
+from psomerge.judges import ExactMatch
+from psomerge.judges.generation import TransformersGenerator
+from psomerge.paths import data_dir
+from psomerge.swarm import (
+    CMAES, CMAESConfig, FitnessCache, ModelSwarms, ModelSwarmsConfig, Optimizer, PSOConfig, PSOMerging, BasisSpec,
+    build_basis, run_optimizer,
+)
+from psomerge.swarm.basis import Basis, weighted_sum_into
+from psomerge.swarm.fitness import ParticleEvaluator
+from psomerge.swarm.run import StepReport
+
+log = logging.getLogger(__name__)
+
+
+def load_suites(configs: list[SuiteConfig]) -> list[EvalSuite]:
+    return [
+        EvalSuite.from_file(
+            s.name,
+            s.dataset,
+            prompt_template=s.prompt_template,
+            answer_field=s.answer_field,
+            id_field=s.id_field,
+            scorer=ExactMatch(s.judge.normalizer),
+            weight=s.weight,
+            optimisation_size=s.optimisation_size,
+            heldout_size=s.heldout_size,
+            split_seed=s.split_seed,
+        )
+        for s in configs
+    ]
+
+
+def make_optimizer(cfg: OptimizerConfig, k: int, groups: int) -> Optimizer:
+    particles = k + cfg.extra_particles
+    if cfg.type == "pso":
+        return PSOMerging(k, groups, PSOConfig(
+            steps=cfg.steps, inertia=cfg.inertia, cognitive=cfg.cognitive, social=cfg.social,
+            velocity_clamp=cfg.velocity_clamp, bounds=cfg.bounds, extra_particles=cfg.extra_particles, seed=cfg.seed))
+    if cfg.type == "model_swarms":
+        return ModelSwarms(k, groups, ModelSwarmsConfig(
+            steps=cfg.steps, step_length=cfg.step_length, decay=cfg.decay, min_step_length=cfg.min_step_length,
+            patience=cfg.patience, early_stop=cfg.early_stop, extra_particles=cfg.extra_particles, seed=cfg.seed))
+    budget = cfg.budget or particles * (cfg.steps + 1)  # PSO's budget at the same settings
+    return CMAES(k, groups, CMAESConfig(budget=budget, popsize=cfg.popsize or particles, sigma0=cfg.sigma0,
+                                        seed=cfg.seed))
+
+
+@dataclass
+class SwarmRun:
+    """What one run produced. ``heldout`` rows: base, experts, the merge."""
+
+    config: RunConfig
+    basis: Basis
+    best_position: np.ndarray
+    best_fitness: float
+    best_scores: dict[str, float]
+    history: list[dict]
+    counts: dict[str, int]
+    suites: list[EvalSuite]
+    heldout: list[tuple[str, EvalResult]] = field(default_factory=list)
+    output_dir: Path | None = None
+
+
+class Workspace:
+    """One resident model + generator + suites + basis: what a worker needs to score particles."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        cache_root = data_dir() / "cache"
+        b = config.basis
+        self.basis = build_basis(config.base, config.experts, cache_root / "basis",
+                                 BasisSpec(b.drop_rate, b.seed, b.granularity), storage=b.storage)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.base)
+        self.model = AutoModelForCausalLM.from_pretrained(config.base, dtype=torch.float32)
+        if b.storage == "cuda":
+            self.model.to("cuda")
+        g = config.generation
+        self.generator = TransformersGenerator(self.model, self.tokenizer, batch_size=g.batch_size,
+                                               max_new_tokens=g.max_new_tokens, stop=g.stop)
+        self.suites = load_suites(config.suites)
+        self.cache = FitnessCache(config.cache_path or cache_root / "fitness.sqlite")
+        self.evaluator = ParticleEvaluator(self.basis, self.model, self.generator, self.suites, self.cache)
+
+    def counts(self) -> dict[str, int]:
+        c = self.evaluator.counts
+        return {"fitness_calls": c.calls, "scorings": c.scorings, "cache_hits": c.cache_hits,
+                "generated_tokens": self.generator.stats.new_tokens}
+
+    def heldout(self, coeffs: np.ndarray) -> EvalResult:
+        """Held-out scores of a particle: only the final evaluation calls this."""
+        self.basis.materialise(coeffs, self.model)
+        return evaluate(self.generator, self.suites, "heldout")
+
+    def write_model(self, coeffs: np.ndarray, out_dir: Path) -> Path:
+        """Stream the particle to sharded safetensors with the base's config and tokenizer."""
+        ref = self.basis.members[0]
+        plan = [(n, ref.info(n).shape, ref.info(n).dtype) for n in ref.tensor_names]
+        with StreamingSafetensorsWriter(out_dir, plan) as writer:
+            for name in ref.tensor_names:
+                if name not in self.basis.group_of:
+                    writer.write(name, ref.get(name))
+                    continue
+                out = torch.empty(ref.info(name).shape, dtype=torch.float32)
+                weighted_sum_into(out, self.basis.stacked(name), coeffs[self.basis.group_of[name]].tolist())
+                writer.write(name, out.to(ref.info(name).dtype))
+        copy_model_files(ref.path, out_dir, ref.dtype)
+        (out_dir / "psomerge_coefficients.json").write_text(json.dumps({
+            "basis": self.basis.labels, "groups": self.basis.group_labels, "coefficients": coeffs.tolist(),
+            "basis_fingerprint": self.basis.fingerprint}, indent=2))
+        return out_dir
+
+
+def run_swarm(
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    on_step: Callable[[StepReport], None] | None = None,
+    evaluate_heldout: bool = True,
+    workspace: Workspace | None = None,
+) -> SwarmRun:
+    ws = workspace or Workspace(config)
+    out = config.output_dir or data_dir() / "runs" / config.name
+    out.mkdir(parents=True, exist_ok=True)
+    optimizer = make_optimizer(config.optimizer, ws.basis.k, ws.basis.num_groups)
+    result = run_optimizer(optimizer, ws.evaluator, checkpoint=out / "checkpoint.json", resume=resume,
+                           on_step=on_step, counts=ws.counts)
+    run = SwarmRun(config, ws.basis, result.best_position, result.best_fitness, result.best_scores,
+                   result.history, ws.counts(), ws.suites, output_dir=out)
+    if evaluate_heldout:
+        for j, label in enumerate(ws.basis.labels[: 1 + len(config.experts)]):
+            run.heldout.append((label, ws.heldout(np.eye(ws.basis.k)[j][None].repeat(ws.basis.num_groups, 0))))
+        run.heldout.append((f"psomerge:{config.optimizer.type}", ws.heldout(result.best_position)))
+        ws.write_model(result.best_position, out / "model")
+    return run

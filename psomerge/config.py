@@ -1,0 +1,110 @@
+"""Run configuration (YAML), validated with errors naming the file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from psomerge.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JudgeConfig(_Strict):
+    type: Literal["exact_match"] = "exact_match"
+    normalizer: str = "text"
+
+
+class SuiteConfig(_Strict):
+    name: str
+    dataset: Path
+    prompt_template: str = "{question}"
+    answer_field: str = "answer"
+    id_field: str | None = None
+    judge: JudgeConfig = JudgeConfig()
+    weight: float = Field(1.0, gt=0)
+    optimisation_size: int = Field(60, gt=0)
+    heldout_size: int | None = None
+    split_seed: int = 0
+
+
+class BasisConfig(_Strict):
+    drop_rate: float = Field(0.8, ge=0, lt=1)
+    seed: int = 0
+    granularity: Literal["model", "layer", "tensor"] = "model"
+    storage: Literal["ram", "mmap", "cuda"] = "ram"
+
+
+class GenerationConfig(_Strict):
+    backend: Literal["transformers"] = "transformers"
+    max_new_tokens: int = 16
+    batch_size: int = 64
+    stop: list[str] = ["\n"]
+
+
+class OptimizerConfig(_Strict):
+    type: Literal["pso", "model_swarms", "cmaes"] = "pso"
+    steps: int = Field(5, ge=0)
+    seed: int = 0
+    # PSO-Merging
+    inertia: float = 0.2
+    cognitive: float = 2.0
+    social: float = 2.0
+    velocity_clamp: float | None = None
+    bounds: tuple[float, float] | None = None
+    extra_particles: int = 0
+    # Model Swarms
+    step_length: float = 1.0
+    decay: float = 0.95
+    min_step_length: float = 0.1
+    patience: int = 3
+    early_stop: int = 5
+    # CMA-ES: budget defaults to PSO's (2N+1 + extra) * (steps + 1) evaluations
+    budget: int | None = None
+    popsize: int | None = None
+    sigma0: float = 0.3
+
+
+class RunConfig(_Strict):
+    name: str = "psomerge"
+    base: Path
+    experts: list[Path]
+    suites: list[SuiteConfig]
+    basis: BasisConfig = BasisConfig()
+    generation: GenerationConfig = GenerationConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    output_dir: Path | None = None  # default: <data dir>/runs/<name>
+    cache_path: Path | None = None  # default: <data dir>/cache/fitness.sqlite
+    source: str = Field("<config>", exclude=True)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<config>") -> "RunConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: a run config is a mapping (base, experts, suites, ...)")
+        try:
+            cfg = cls(**data, source=source)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            raise ConfigError(f"{source}: key {key!r}: {err['msg']}") from None
+        if len({s.name for s in cfg.suites}) != len(cfg.suites):
+            raise ConfigError(f"{source}: suites: names must be unique")
+        if not cfg.experts:
+            raise ConfigError(f"{source}: key 'experts': at least one expert is needed")
+        return cfg
