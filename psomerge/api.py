@@ -26,7 +26,7 @@ from psomerge.swarm import (
     CMAES, CMAESConfig, FitnessCache, ModelSwarms, ModelSwarmsConfig, Optimizer, PSOConfig, PSOMerging, BasisSpec,
     build_basis, run_optimizer,
 )
-from psomerge.swarm.basis import Basis, weighted_sum_into
+from psomerge.swarm.basis import Basis
 from psomerge.swarm.fitness import ParticleEvaluator
 from psomerge.swarm.run import StepReport
 
@@ -122,7 +122,7 @@ class Workspace:
                     writer.write(name, ref.get(name))
                     continue
                 out = torch.empty(ref.info(name).shape, dtype=torch.float32)
-                weighted_sum_into(out, self.basis.stacked(name), coeffs[self.basis.group_of[name]].tolist())
+                self.basis.combine_into(out, name, coeffs[self.basis.group_of[name]].tolist())
                 writer.write(name, out.to(ref.info(name).dtype))
         copy_model_files(ref.path, out_dir, ref.dtype)
         (out_dir / "psomerge_coefficients.json").write_text(json.dumps({
