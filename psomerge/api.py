@@ -28,7 +28,7 @@ from psomerge.swarm import (
 )
 from psomerge.swarm.basis import Basis
 from psomerge.swarm.fitness import ParticleEvaluator
-from psomerge.swarm.run import StepReport
+from psomerge.swarm.run import StepReport, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,14 @@ def run_swarm(
     out = config.output_dir or data_dir() / "runs" / config.name
     out.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(config.optimizer, ws.basis.k, ws.basis.num_groups)
-    result = run_optimizer(optimizer, ws.evaluator, checkpoint=out / "checkpoint.json", resume=resume,
+    checkpoint = out / "checkpoint.json"
+    if resume and checkpoint.exists():  # counts continue across a crash and resume
+        previous = load_checkpoint(checkpoint).get("counts", {})
+        c = ws.evaluator.counts
+        c.calls, c.scorings = previous.get("fitness_calls", 0), previous.get("scorings", 0)
+        c.cache_hits = previous.get("cache_hits", 0)
+        ws.generator.stats.new_tokens = previous.get("generated_tokens", 0)
+    result = run_optimizer(optimizer, ws.evaluator, checkpoint=checkpoint, resume=resume,
                            on_step=on_step, counts=ws.counts)
     run = SwarmRun(config, ws.basis, result.best_position, result.best_fitness, result.best_scores,
                    result.history, ws.counts(), ws.suites, output_dir=out)

@@ -94,12 +94,24 @@ class Basis:
         self._dense: dict[str, torch.Tensor] = {}  # name -> (1 + N, *shape): base, experts
         self._sparse: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # name -> N x (index, value)
         if storage in ("ram", "cuda"):
-            device = "cuda" if storage == "cuda" else "cpu"
-            n = self.n_experts
+            self._load(torch.device("cuda" if storage == "cuda" else "cpu"))
+
+    def _load(self, device: torch.device) -> None:
+        """Read member after member, closing each, so no more than one model's file pages
+        stay mapped while the compact copy fills."""
+        n = self.n_experts
+        ref = self.members[0]
+        for name in self.names:
+            self._dense[name] = torch.empty((1 + n, *ref.info(name).shape), dtype=torch.float32, device=device)
+        for i, member in enumerate(self.members[: 1 + n]):
             for name in self.names:
-                base = members[0].get(name).float()
-                self._dense[name] = torch.stack([base] + [m.get(name).float() for m in members[1 : 1 + n]]).to(device)
-                self._sparse[name] = [_sparse_delta(m.get(name).float(), base, device) for m in members[1 + n :]]
+                self._dense[name][i].copy_(member.get(name))
+            member.close()
+        for member in self.members[1 + n :]:
+            for name in self.names:
+                base = self._dense[name][0]
+                self._sparse.setdefault(name, []).append(_sparse_delta(member.get(name).to(base), base))
+            member.close()
 
     @property
     def k(self) -> int:
@@ -147,13 +159,14 @@ class Basis:
             self.combine_into(param.data, name, coeffs[self.group_of[name]].tolist())
 
 
-def _sparse_delta(member: torch.Tensor, base: torch.Tensor, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _sparse_delta(member: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (int32 where they fit) and values of member - base where it is non-zero."""
     delta = (member - base).reshape(-1)
     index = torch.nonzero(delta).reshape(-1)
+    value = delta[index]
     if delta.numel() < 2**31:
         index = index.to(torch.int32)
-    return index.to(device), delta[index.long()].to(device)
+    return index, value
 
 
 def weighted_sum_into(out: torch.Tensor, tensors: torch.Tensor | Sequence[torch.Tensor], alpha: Sequence[float]) -> None:

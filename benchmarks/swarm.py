@@ -1,0 +1,162 @@
+"""Swarm benchmarks on a ~106M-parameter Llama with N = 3 experts (K = 7 basis models).
+
+(a) memory:      peak RSS of a coefficient-space PSO run vs a dense PSO over flattened fp32
+                 weights (an equivalent of pyswarms' GlobalBestPSO, which works in float64 and
+                 keeps more arrays), same model, same K, same scalar draws, each in its own process.
+(b) materialise: time to materialise one particle into the resident model vs the bandwidth
+                 floor, one pass reading the K stacked fp32 tensors, in the same process.
+
+Usage: .venv/bin/python benchmarks/swarm.py [memory|materialise|all]
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from psomerge.demo.synthetic import llama_config, make_family  # noqa: E402
+from psomerge.paths import data_dir  # noqa: E402
+from psomerge.swarm import BasisSpec, PSOConfig, build_basis  # noqa: E402
+
+STEPS = 2
+ROOT = data_dir() / "bench" / "family-106m"
+
+def family() -> tuple[Path, list[Path]]:
+    if not (ROOT / "expert2" / "config.json").exists():
+        make_family(ROOT, 3, llama_config(hidden=768, layers=8, vocab=32000, intermediate=2048, heads=12), noise=0.002)
+    return ROOT / "base", [ROOT / f"expert{i}" for i in range(3)]
+
+def fitness_of(model: torch.nn.Module) -> float:
+    """Cheap and identical on both sides: generation costs the same for either layout."""
+    return -float(sum(p.detach()[..., :8].double().square().sum() for p in model.parameters()))
+
+def run_ours() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from psomerge.swarm import PSOMerging, run_optimizer
+    from psomerge.swarm.cache import CachedFitness
+
+    base, experts = family()
+    basis = build_basis(base, experts, data_dir() / "cache" / "basis", BasisSpec())
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+
+    def fitness(x):
+        basis.materialise(x, model)
+        return CachedFitness(fitness_of(model), {}, {})
+
+    run_optimizer(PSOMerging(basis.k, 1, PSOConfig(steps=STEPS)), fitness)
+
+def run_dense() -> None:
+    from torch.nn.utils import vector_to_parameters
+    from transformers import AutoModelForCausalLM
+
+    base, experts = family()
+    basis = build_basis(base, experts, data_dir() / "cache" / "basis", BasisSpec(), storage="mmap")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    names = [n for n, _ in model.named_parameters()]
+    k = basis.k
+    dim = sum(p.numel() for p in model.parameters())
+    x = torch.empty(k, dim)  # particle i starts at basis model i
+    for i, m in enumerate(basis.members):
+        x[i] = torch.cat([m.get(n).float().reshape(-1) for n in names])
+        m.close()
+    v = torch.zeros_like(x)
+    pbest = x.clone()
+    cfg = PSOConfig(steps=STEPS)
+    rng = np.random.Generator(np.random.PCG64(cfg.seed))
+
+    def fitness(vec):
+        vector_to_parameters(vec, model.parameters())
+        return fitness_of(model)
+
+    for m in basis.members:  # as the coefficient side does: no file pages kept mapped
+        m.close()
+    fit = torch.tensor([fitness(xi) for xi in x])
+    pfit = fit.clone()
+    gbest = x[int(torch.argmax(fit))].clone()
+    gfit = float(fit.max())
+    for _ in range(cfg.steps):
+        r1, r2 = rng.random((k, 1)), rng.random((k, 1))
+        for i in range(k):  # in place, one particle at a time: the leanest dense update
+            v[i].mul_(cfg.inertia)
+            v[i].add_(pbest[i] - x[i], alpha=cfg.cognitive * float(r1[i, 0]))
+            v[i].add_(gbest - x[i], alpha=cfg.social * float(r2[i, 0]))
+            x[i].add_(v[i])
+        fit = torch.tensor([fitness(xi) for xi in x])
+        better = fit > pfit
+        for i in torch.nonzero(better).reshape(-1).tolist():
+            pbest[i].copy_(x[i])
+            pfit[i] = fit[i]
+        if float(fit.max()) > gfit:
+            gfit = float(fit.max())
+            gbest.copy_(x[int(torch.argmax(fit))])
+
+
+def measure(role: str) -> tuple[float, float]:
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, f"_{role}"])
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{role} run failed")
+    return time.perf_counter() - start, usage.ru_maxrss / 1024**2
+
+def memory() -> None:
+    base, experts = family()
+    build_basis(base, experts, data_dir() / "cache" / "basis", BasisSpec(), storage="mmap")  # DARE files, once
+    t_ours, m_ours = measure("ours")
+    t_dense, m_dense = measure("dense")
+    print(f"(a) PSO, K=7, {STEPS} steps ({7 * (STEPS + 1)} materialisations), ~106M parameters")
+    print(f"    coefficient space : peak {m_ours:6.2f} GiB, {t_ours:5.1f} s")
+    print(f"    dense fp32 PSO    : peak {m_dense:6.2f} GiB, {t_dense:5.1f} s")
+    print(f"    dense / ours      : {m_dense / m_ours:.2f}x memory")
+
+def materialise() -> None:
+    from transformers import AutoModelForCausalLM
+
+    base, experts = family()
+    basis = build_basis(base, experts, data_dir() / "cache" / "basis", BasisSpec())
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    stacked = {n: torch.stack([m.get(n).float() for m in basis.members]) for n in basis.names}
+    rng = np.random.default_rng(0)
+
+    def timed(fn, repeats=7):
+        fn()  # warm
+        out = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+        return statistics.median(out)
+
+    alpha = rng.normal(0, 0.3, size=(1, basis.k))
+    alpha += (1 - alpha.sum()) / basis.k
+    t_ours = timed(lambda: basis.materialise(alpha, model))
+    t_floor = timed(lambda: [t.sum() for t in stacked.values()])
+    w = torch.tensor(alpha[0], dtype=torch.float32)
+    t_dense = timed(lambda: [torch.tensordot(w, t, dims=1) for t in stacked.values()])
+    gb = sum(t.numel() * 4 for t in stacked.values()) / 1e9
+    print(f"(b) materialise one particle, K=7, {gb:.2f} GB of stacked fp32 basis, median of 7, {torch.get_num_threads()} threads")
+    print(f"    floor: one pass reading the K stacked tensors : {t_floor * 1e3:7.1f} ms")
+    print(f"    psomerge materialise (in place, compact basis): {t_ours * 1e3:7.1f} ms  ({t_ours / t_floor:.2f}x floor)")
+    print(f"    dense stacked tensordot (allocates outputs)   : {t_dense * 1e3:7.1f} ms  ({t_dense / t_floor:.2f}x floor)")
+    print(f"    basis held in RAM: compact {basis.nbytes() / 1e9:.2f} GB vs stacked {gb:.2f} GB")
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if what == "_ours":
+        run_ours()
+    elif what == "_dense":
+        run_dense()
+    else:
+        if what in ("memory", "all"):
+            memory()
+        if what in ("materialise", "all"):
+            materialise()

@@ -1,0 +1,100 @@
+"""A swarm run end to end on real (tiny) models with exact-match fitness."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from psomerge.api import run_swarm, Workspace
+from psomerge.config import RunConfig
+from psomerge.demo.charlm import char_tokenizer, tiny_llama_config
+from psomerge.demo.tasks import ALPHABET, DEMO_TASKS, unique_examples
+from psomerge.errors import ConfigError
+from psomerge.evalsuite import EvalSuite
+
+
+@pytest.fixture(scope="module")
+def char_family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("charfam")
+    tok = char_tokenizer(ALPHABET)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config(len(tok), hidden=32, layers=2, heads=2))
+    base.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    experts = []
+    for i in range(2):
+        e = LlamaForCausalLM(base.config)
+        e.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in e.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        e.save_pretrained(root / f"e{i}")
+        tok.save_pretrained(root / f"e{i}")
+        experts.append(root / f"e{i}")
+    data = {}
+    for task in DEMO_TASKS[:2]:
+        path = root / f"{task.name}.jsonl"
+        with open(path, "w") as f:
+            for j, (q, a) in enumerate(unique_examples(task.hard, 40, seed=1)):
+                f.write(json.dumps({"id": j, "question": q, "answer": a}) + "\n")
+        data[task.name] = path
+    return root, experts, data
+
+
+def make_config(root, experts, data, **opt):
+    return RunConfig.from_dict({
+        "name": "t", "base": str(root / "base"), "experts": [str(e) for e in experts],
+        "suites": [{"name": n, "dataset": str(p), "optimisation_size": 10, "heldout_size": 20,
+                    "judge": {"type": "exact_match", "normalizer": "none"}} for n, p in data.items()],
+        "generation": {"max_new_tokens": 6, "batch_size": 64},
+        "optimizer": {"type": "pso", "steps": 2, **opt},
+        "output_dir": str(root / "run"), "cache_path": str(root / "fitness.sqlite"),
+    })
+
+
+def test_search_never_reads_heldout_examples(char_family, monkeypatch, tmp_path):
+    root, experts, data = char_family
+    monkeypatch.setenv("PSOMERGE_HOME", str(tmp_path))
+    reads = []
+    original = EvalSuite.split
+
+    def spy(self, which):
+        reads.append(which)
+        return original(self, which)
+
+    monkeypatch.setattr(EvalSuite, "split", spy)
+    cfg = make_config(root, experts, data)
+    run = run_swarm(cfg.model_copy(update={"cache_path": tmp_path / "c.sqlite"}), evaluate_heldout=False)
+    assert reads and set(reads) == {"optimisation"}
+    assert run.counts["scorings"] > 0
+    # the held-out rows come after the search, and only then is the held-out split read
+    reads.clear()
+    run = run_swarm(cfg.model_copy(update={"cache_path": tmp_path / "c.sqlite"}))
+    assert "heldout" in reads
+    assert [label for label, _ in run.heldout] == ["base", "expert:e0", "expert:e1", "psomerge:pso"]
+    assert run.counts["scorings"] == 0  # second run: every particle came from the cache
+    assert (run.output_dir / "model" / "psomerge_coefficients.json").exists()
+
+
+def test_written_model_equals_materialised_particle(char_family, tmp_path, monkeypatch):
+    root, experts, data = char_family
+    monkeypatch.setenv("PSOMERGE_HOME", str(tmp_path))
+    ws = Workspace(make_config(root, experts, data))
+    coeffs = np.array([[0.2, 0.5, 0.1, 0.1, 0.1]])
+    ws.write_model(coeffs, tmp_path / "m")
+    ws.basis.materialise(coeffs, ws.model)
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path / "m")
+    for (name, p), q in zip(ws.model.named_parameters(), loaded.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_config_errors_name_file_and_key(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("base: b\nexperts: [e]\nsuites: []\noptimizer: {type: genetic}\n")
+    with pytest.raises(ConfigError, match=r"run.yaml.*optimizer.type"):
+        RunConfig.load(bad)
+    bad.write_text("base: b\nexperts: [e]\nsuites: []\nbasis: {drop_rate: 1.5}\n")
+    with pytest.raises(ConfigError, match=r"basis.drop_rate"):
+        RunConfig.load(bad)
