@@ -38,14 +38,14 @@ def fitness_of(model: torch.nn.Module) -> float:
     """Cheap and identical on both sides: generation costs the same for either layout."""
     return -float(sum(p.detach()[..., :8].double().square().sum() for p in model.parameters()))
 
-def run_ours() -> None:
+def run_ours(storage: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from psomerge.swarm import PSOMerging, run_optimizer
     from psomerge.swarm.cache import CachedFitness
 
     base, experts = family()
-    basis = build_basis(base, experts, data_dir() / "cache" / "basis", BasisSpec())
+    basis = build_basis(base, experts, data_dir() / "cache" / "basis", BasisSpec(), storage=storage)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 
     def fitness(x):
@@ -111,23 +111,24 @@ def measure(role: str) -> tuple[float, float]:
 def memory() -> None:
     base, experts = family()
     build_basis(base, experts, data_dir() / "cache" / "basis", BasisSpec(), storage="mmap")  # DARE files, once
-    t_ours, m_ours = measure("ours")
     t_dense, m_dense = measure("dense")
     print(f"(a) PSO, K=7, {STEPS} steps ({7 * (STEPS + 1)} materialisations), ~106M parameters")
-    print(f"    coefficient space : peak {m_ours:6.2f} GiB, {t_ours:5.1f} s")
-    print(f"    dense fp32 PSO    : peak {m_dense:6.2f} GiB, {t_dense:5.1f} s")
-    print(f"    dense / ours      : {m_dense / m_ours:.2f}x memory")
+    print(f"    dense fp32 PSO                      : peak {m_dense:6.2f} GiB, {t_dense:5.1f} s")
+    for storage in ("compact", "ram"):
+        t, m = measure(f"ours-{storage}")
+        print(f"    coefficient space, storage={storage:8}: peak {m:6.2f} GiB, {t:5.1f} s -> dense/ours {m_dense / m:.2f}x")
 
 def materialise() -> None:
     from transformers import AutoModelForCausalLM
 
     base, experts = family()
-    basis = build_basis(base, experts, data_dir() / "cache" / "basis", BasisSpec())
+    layouts = {s: build_basis(base, experts, data_dir() / "cache" / "basis", BasisSpec(), storage=s)
+               for s in ("ram", "compact")}
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    stacked = {n: torch.stack([m.get(n).float() for m in basis.members]) for n in basis.names}
+    stacked = layouts["ram"]._dense  # the K stacked fp32 tensors of every name
     rng = np.random.default_rng(0)
 
-    def timed(fn, repeats=7):
+    def timed(fn, repeats=15):
         fn()  # warm
         out = []
         for _ in range(repeats):
@@ -136,23 +137,25 @@ def materialise() -> None:
             out.append(time.perf_counter() - t)
         return statistics.median(out)
 
-    alpha = rng.normal(0, 0.3, size=(1, basis.k))
-    alpha += (1 - alpha.sum()) / basis.k
-    t_ours = timed(lambda: basis.materialise(alpha, model))
+    alpha = rng.normal(0, 0.3, size=(1, 7))
+    alpha += (1 - alpha.sum()) / 7
     t_floor = timed(lambda: [t.sum() for t in stacked.values()])
-    w = torch.tensor(alpha[0], dtype=torch.float32)
-    t_dense = timed(lambda: [torch.tensordot(w, t, dims=1) for t in stacked.values()])
     gb = sum(t.numel() * 4 for t in stacked.values()) / 1e9
-    print(f"(b) materialise one particle, K=7, {gb:.2f} GB of stacked fp32 basis, median of 7, {torch.get_num_threads()} threads")
-    print(f"    floor: one pass reading the K stacked tensors : {t_floor * 1e3:7.1f} ms")
-    print(f"    psomerge materialise (in place, compact basis): {t_ours * 1e3:7.1f} ms  ({t_ours / t_floor:.2f}x floor)")
-    print(f"    dense stacked tensordot (allocates outputs)   : {t_dense * 1e3:7.1f} ms  ({t_dense / t_floor:.2f}x floor)")
-    print(f"    basis held in RAM: compact {basis.nbytes() / 1e9:.2f} GB vs stacked {gb:.2f} GB")
+    print(f"(b) materialise one particle, K=7, {gb:.2f} GB of stacked fp32 basis, median of 15, "
+          f"{torch.get_num_threads()} threads")
+    print(f"    floor: one pass reading the K stacked tensors   : {t_floor * 1e3:7.1f} ms")
+    for storage, basis in layouts.items():
+        t = timed(lambda: basis.materialise(alpha, model))
+        print(f"    materialise in place, storage={storage:8}: {t * 1e3:7.1f} ms  ({t / t_floor:.2f}x floor), "
+              f"basis {basis.nbytes() / 1e9:.2f} GB")
+    w = torch.tensor(alpha[0], dtype=torch.float32)
+    t = timed(lambda: [torch.tensordot(w, s, dims=1) for s in stacked.values()])
+    print(f"    for reference, tensordot over the stack (allocates): {t * 1e3:7.1f} ms  ({t / t_floor:.2f}x floor)")
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
-    if what == "_ours":
-        run_ours()
+    if what.startswith("_ours-"):
+        run_ours(what.removeprefix("_ours-"))
     elif what == "_dense":
         run_dense()
     else:

@@ -37,7 +37,7 @@ class BasisConfig(_Strict):
     drop_rate: float = Field(0.8, ge=0, lt=1)
     seed: int = 0
     granularity: Literal["model", "layer", "tensor"] = "model"
-    storage: Literal["ram", "mmap", "cuda"] = "ram"
+    storage: Literal["ram", "compact", "mmap", "cuda"] = "ram"
 
 
 class GenerationConfig(_Strict):

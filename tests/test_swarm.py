@@ -253,22 +253,26 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, make, max_bytes):
     assert resumed.evaluations == reference.evaluations
 
 
-def test_compact_ram_basis_equals_memory_mapped_members(tmp_path, family):
+def test_storage_layouts_agree(tmp_path, family):
     base, experts = family
     spec = BasisSpec(drop_rate=0.8, seed=2, granularity="layer")
-    ram = build_basis(base, experts, tmp_path / "b", spec, storage="ram")
+    ram = build_basis(base, experts, tmp_path / "b", spec, storage="compact")
     mapped = build_basis(base, experts, tmp_path / "b", spec, storage="mmap")
+    dense = build_basis(base, experts, tmp_path / "b", spec, storage="ram")
     dense_bytes = sum(ram.members[0].info(n).numel * 4 for n in ram.names) * ram.k
+    assert dense.nbytes() == dense_bytes
     assert ram.nbytes() < 0.8 * dense_bytes  # DARE members held sparse
     rng = np.random.default_rng(0)
     alpha = rng.normal(0.0, 0.5, size=(ram.num_groups, ram.k))
     alpha += (1.0 - alpha.sum(axis=1, keepdims=True)) / ram.k  # affine, negative entries included
     a = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     b = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    c = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     ram.materialise(alpha, a)
     mapped.materialise(alpha, b)
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        assert torch.allclose(p, q, atol=1e-6), name
+    dense.materialise(alpha, c)
+    for (name, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.allclose(p, q, atol=1e-6) and torch.equal(q, r), name
     for j in range(ram.k):  # one-hot: each basis member itself
         ram.materialise(np.eye(ram.k)[j][None].repeat(ram.num_groups, 0), a)
         name = "model.layers.1.self_attn.v_proj.weight"
