@@ -19,7 +19,7 @@ from psomerge.config import OptimizerConfig, RunConfig, SuiteConfig
 from psomerge.evalsuite import EvalSuite
 from psomerge.evaluation import EvalResult, evaluate
 from psomerge.io import StreamingSafetensorsWriter, copy_model_files
-from psomerge.judges import ExactMatch
+from psomerge.judges.registry import make_scorer
 from psomerge.judges.generation import TransformersGenerator
 from psomerge.paths import data_dir
 from psomerge.swarm import (
@@ -33,22 +33,26 @@ from psomerge.swarm.run import StepReport, load_checkpoint
 log = logging.getLogger(__name__)
 
 
-def load_suites(configs: list[SuiteConfig]) -> list[EvalSuite]:
-    return [
-        EvalSuite.from_file(
+def load_suites(configs: list[SuiteConfig], source: str = "<config>") -> list[EvalSuite]:
+    suites = []
+    for i, s in enumerate(configs):
+        judge = dict(s.judge)
+        if judge.get("type") == "llm":  # identical (prompt, answer) pairs are judged once, across runs
+            judge.setdefault("cache_path", str(data_dir() / "cache" / "judge.sqlite"))
+        suites.append(EvalSuite.from_file(
             s.name,
             s.dataset,
+            hf_split=s.dataset_split,
             prompt_template=s.prompt_template,
             answer_field=s.answer_field,
             id_field=s.id_field,
-            scorer=ExactMatch(s.judge.normalizer),
+            scorer=make_scorer(judge, where=f"{source}: suites[{i}].judge"),
             weight=s.weight,
             optimisation_size=s.optimisation_size,
             heldout_size=s.heldout_size,
             split_seed=s.split_seed,
-        )
-        for s in configs
-    ]
+        ))
+    return suites
 
 
 def make_optimizer(cfg: OptimizerConfig, k: int, groups: int) -> Optimizer:
@@ -98,14 +102,23 @@ class Workspace:
         g = config.generation
         self.generator = TransformersGenerator(self.model, self.tokenizer, batch_size=g.batch_size,
                                                max_new_tokens=g.max_new_tokens, stop=g.stop)
-        self.suites = load_suites(config.suites)
+        self.suites = load_suites(config.suites, config.source)
         self.cache = FitnessCache(config.cache_path or cache_root / "fitness.sqlite")
         self.evaluator = ParticleEvaluator(self.basis, self.model, self.generator, self.suites, self.cache)
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[str, float]:
         c = self.evaluator.counts
-        return {"fitness_calls": c.calls, "scorings": c.scorings, "cache_hits": c.cache_hits,
-                "generated_tokens": self.generator.stats.new_tokens}
+        out: dict[str, float] = {"fitness_calls": c.calls, "scorings": c.scorings, "cache_hits": c.cache_hits,
+                                 "generated_tokens": self.generator.stats.new_tokens,
+                                 "judge_calls": 0, "judge_cache_hits": 0, "judge_tokens": 0, "judge_cost": 0.0}
+        for suite in self.suites:
+            stats = getattr(suite.scorer, "stats", None)  # LLM judges account for their API use
+            if stats is not None:
+                out["judge_calls"] += stats.requests
+                out["judge_cache_hits"] += stats.cache_hits + stats.deduplicated
+                out["judge_tokens"] += stats.prompt_tokens + stats.completion_tokens
+                out["judge_cost"] += stats.cost
+        return out
 
     def heldout(self, coeffs: np.ndarray) -> EvalResult:
         """Held-out scores of a particle: only the final evaluation calls this."""

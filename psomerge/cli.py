@@ -161,7 +161,9 @@ def swarm(
     out.print(score_table("held-out (never read by the search)", run.heldout, run.suites))
     c = run.counts
     out.print(f"fitness calls {c['fitness_calls']}, scorings {c['scorings']}, cache hits {c['cache_hits']}, "
-              f"generated tokens {c['generated_tokens']}; merged model: {run.output_dir / 'model'}")
+              f"generated tokens {c['generated_tokens']}; judge calls {c['judge_calls']}, judge cache hits "
+              f"{c['judge_cache_hits']}, judge tokens {c['judge_tokens']}, judge cost {c['judge_cost']:.4f}")
+    out.print(f"merged model: {run.output_dir / 'model'}")
 
 
 def main() -> None:  # pragma: no cover

@@ -15,18 +15,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class JudgeConfig(_Strict):
-    type: Literal["exact_match"] = "exact_match"
-    normalizer: str = "text"
-
-
 class SuiteConfig(_Strict):
     name: str
-    dataset: Path
+    dataset: Path  # .jsonl, .csv, .parquet, or a folder written by datasets' save_to_disk
+    dataset_split: str | None = None  # for a saved DatasetDict
     prompt_template: str = "{question}"
     answer_field: str = "answer"
     id_field: str | None = None
-    judge: JudgeConfig = JudgeConfig()
+    judge: dict[str, Any] = {"type": "exact_match"}  # {type: exact_match | code_exec | llm, ...}
     weight: float = Field(1.0, gt=0)
     optimisation_size: int = Field(60, gt=0)
     heldout_size: int | None = None

@@ -104,15 +104,31 @@ class EvalSuite:
         return cls(name, examples, scorer, **kwargs)
 
     @classmethod
-    def from_file(cls, name: str, path: str | Path, **kwargs: Any) -> "EvalSuite":
-        return cls.from_records(name, read_records(path), source=str(path), **kwargs)
+    def from_file(cls, name: str, path: str | Path, hf_split: str | None = None, **kwargs: Any) -> "EvalSuite":
+        return cls.from_records(name, read_records(path, hf_split), source=str(path), **kwargs)
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a local JSONL or CSV file."""
+def read_records(path: str | Path, hf_split: str | None = None) -> list[dict[str, Any]]:
+    """Records of a local JSONL, CSV or parquet file, or of a ``datasets`` folder saved to disk."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"dataset file {path} does not exist")
+    if path.is_dir():
+        import datasets
+
+        try:
+            data = datasets.load_from_disk(str(path))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"dataset folder {path}: not a saved datasets folder ({exc})") from None
+        if isinstance(data, datasets.DatasetDict):
+            if hf_split not in data:
+                raise ConfigError(f"dataset folder {path} holds splits {sorted(data)}: set dataset_split to one")
+            data = data[hf_split]
+        return [dict(r) for r in data]
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
     if path.suffix in (".jsonl", ".json"):
         records = []
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
@@ -125,4 +141,4 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     if path.suffix == ".csv":
         with open(path, newline="") as f:
             return list(csv.DictReader(f))
-    raise ConfigError(f"dataset file {path}: unsupported format {path.suffix!r} (use .jsonl or .csv)")
+    raise ConfigError(f"dataset file {path}: unsupported format {path.suffix!r} (use .jsonl, .csv, .parquet or a datasets folder)")

@@ -80,6 +80,9 @@ class LLMJudge:
     stats: JudgeStats = field(default_factory=JudgeStats)
 
     def __post_init__(self) -> None:
+        self.scale = (float(self.scale[0]), float(self.scale[1]))  # YAML gives a list
+        if self.cache_path is not None:
+            self.cache_path = Path(self.cache_path)
         if self.on_unparseable not in ("retry", "zero", "fail"):
             raise ConfigError(f"llm judge: on_unparseable {self.on_unparseable!r} is not retry, zero or fail")
         low, high = self.scale

@@ -1,0 +1,72 @@
+"""Choosing scorers in YAML, dataset formats, and switching judges without code changes."""
+
+import json
+
+import pytest
+import yaml
+
+from chat_server import ChatServer
+from psomerge.api import load_suites
+from psomerge.config import RunConfig
+from psomerge.errors import ConfigError
+from psomerge.evalsuite import read_records
+from psomerge.judges import ExactMatch
+from psomerge.judges.code_exec import CodeExec
+from psomerge.judges.llm import LLMJudge
+from psomerge.judges.registry import make_scorer
+
+RECORDS = [{"id": i, "question": f"{i}+{i}=", "answer": str(2 * i)} for i in range(20)]
+
+
+def test_make_scorer_by_name_with_clear_errors():
+    assert isinstance(make_scorer({"type": "exact_match", "normalizer": "number"}), ExactMatch)
+    assert isinstance(make_scorer({"type": "code_exec", "timeout": 2}), CodeExec)
+    assert isinstance(make_scorer({"type": "llm", "model": "m", "base_url": "http://127.0.0.1:9/v1"}), LLMJudge)
+    with pytest.raises(ConfigError, match=r"x.yaml: suites\[0\].judge.type: 'bleu'.*code_exec, exact_match, llm"):
+        make_scorer({"type": "bleu"}, where="x.yaml: suites[0].judge")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['temprature'\]"):
+        make_scorer({"type": "llm", "model": "m", "temprature": 0})
+
+
+def test_dataset_formats_read_the_same_records(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS))
+    (tmp_path / "d.csv").write_text("id,question,answer\n" + "\n".join(f"{r['id']},{r['question']},{r['answer']}" for r in RECORDS))
+    pq.write_table(pa.Table.from_pylist(RECORDS), tmp_path / "d.parquet")
+    datasets.Dataset.from_list(RECORDS).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(RECORDS)}).save_to_disk(str(tmp_path / "dd"))
+    norm = lambda rs: [(str(r["id"]), r["question"], str(r["answer"])) for r in rs]  # noqa: E731
+    expected = norm(RECORDS)
+    for name in ("d.jsonl", "d.csv", "d.parquet", "ds"):
+        assert norm(read_records(tmp_path / name)) == expected, name
+    assert norm(read_records(tmp_path / "dd", "test")) == expected
+    with pytest.raises(ConfigError, match="dataset_split"):
+        read_records(tmp_path / "dd")
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{oops\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2"):
+        read_records(tmp_path / "bad.jsonl")
+
+
+def test_switching_judges_is_a_yaml_change(tmp_path, monkeypatch):
+    monkeypatch.setenv("PSOMERGE_HOME", str(tmp_path))
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in RECORDS))
+    suite = {"name": "double", "dataset": str(data), "optimisation_size": 5, "heldout_size": 10}
+    base = {"base": "b", "experts": ["e"], "suites": [suite]}
+    with ChatServer() as server:
+        for judge, cls in [({"type": "exact_match", "normalizer": "number"}, ExactMatch),
+                           ({"type": "llm", "model": "judge", "base_url": server.url, "scale": [1, 10]}, LLMJudge)]:
+            path = tmp_path / "run.yaml"
+            path.write_text(yaml.safe_dump({**base, "suites": [{**suite, "judge": judge}]}))
+            [s] = load_suites(RunConfig.load(path).suites)
+            assert isinstance(s.scorer, cls)
+            examples = s.split("optimisation")
+            answers = [e.answer for e in examples[:3]] + ["wrong", "wrong"]
+            values = [x.value for x in s.scorer.score(examples, answers)]
+            right = 1.0 if cls is ExactMatch else 8 / 9  # the server answers 'Score: 9' on a 1-10 scale
+            wrong = 0.0 if cls is ExactMatch else 1 / 9
+            assert values == pytest.approx([right] * 3 + [wrong] * 2)
+        assert len(server.requests) == 5  # only the LLM judge called the server, once per pair
