@@ -128,29 +128,39 @@ def materialise() -> None:
     stacked = layouts["ram"]._dense  # the K stacked fp32 tensors of every name
     rng = np.random.default_rng(0)
 
-    def timed(fn, repeats=15):
-        fn()  # warm
-        out = []
+    def floor():
+        for t in stacked.values():
+            t.sum()
+
+    def paired(fn, repeats=15):
+        """Median time of fn and of the floor, measured alternately so that drifts of this
+        shared machine hit both alike, and the median of the per-pair ratios."""
+        fn(), floor()  # warm: compiles the kernel, faults pages in
+        mine, base, ratios = [], [], []
         for _ in range(repeats):
-            t = time.perf_counter()
+            t0 = time.perf_counter()
+            floor()
+            t1 = time.perf_counter()
             fn()
-            out.append(time.perf_counter() - t)
-        return statistics.median(out)
+            t2 = time.perf_counter()
+            base.append(t1 - t0)
+            mine.append(t2 - t1)
+            ratios.append((t2 - t1) / (t1 - t0))
+        return statistics.median(mine), statistics.median(base), statistics.median(ratios)
 
     alpha = rng.normal(0, 0.3, size=(1, 7))
     alpha += (1 - alpha.sum()) / 7
-    t_floor = timed(lambda: [t.sum() for t in stacked.values()])
     gb = sum(t.numel() * 4 for t in stacked.values()) / 1e9
-    print(f"(b) materialise one particle, K=7, {gb:.2f} GB of stacked fp32 basis, median of 15, "
-          f"{torch.get_num_threads()} threads")
-    print(f"    floor: one pass reading the K stacked tensors   : {t_floor * 1e3:7.1f} ms")
+    print(f"(b) materialise one particle, K=7, {gb:.2f} GB of stacked fp32 basis, 15 alternating pairs, "
+          f"{torch.get_num_threads()} threads; floor = one pass reading the K stacked tensors")
     for storage, basis in layouts.items():
-        t = timed(lambda: basis.materialise(alpha, model))
-        print(f"    materialise in place, storage={storage:8}: {t * 1e3:7.1f} ms  ({t / t_floor:.2f}x floor), "
-              f"basis {basis.nbytes() / 1e9:.2f} GB")
+        t, f, r = paired(lambda: basis.materialise(alpha, model))
+        print(f"    storage={storage:8}: materialise {t * 1e3:6.1f} ms, floor {f * 1e3:6.1f} ms -> {r:.2f}x floor "
+              f"(basis {basis.nbytes() / 1e9:.2f} GB)")
     w = torch.tensor(alpha[0], dtype=torch.float32)
-    t = timed(lambda: [torch.tensordot(w, s, dims=1) for s in stacked.values()])
-    print(f"    for reference, tensordot over the stack (allocates): {t * 1e3:7.1f} ms  ({t / t_floor:.2f}x floor)")
+    t, f, r = paired(lambda: [torch.tensordot(w, s, dims=1) for s in stacked.values()])
+    print(f"    reference, tensordot over the stack (allocates): {t * 1e3:6.1f} ms, floor {f * 1e3:6.1f} ms -> {r:.2f}x")
+
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"

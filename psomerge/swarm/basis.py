@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import shutil
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +141,9 @@ class Basis:
             weighted_sum_into(out, [m.get(name) for m in self.members], alpha)
             return
         if not self._sparse:
-            weighted_sum_into(out, self._dense[name], alpha)
+            stacked = self._dense[name]
+            if not fused_sum_into(out, stacked, alpha):
+                weighted_sum_into(out, stacked, alpha)
             return
         n = self.n_experts
         dense_alpha = [alpha[0] + sum(alpha[1 + n :])] + list(alpha[1 : 1 + n])
@@ -172,6 +175,40 @@ def _sparse_delta(member: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tenso
     if delta.numel() < 2**31:
         index = index.to(torch.int32)
     return index, value
+
+
+def fused_sum_into(out: torch.Tensor, stacked: torch.Tensor, alpha: Sequence[float]) -> bool:
+    """out = sum_j alpha_j * stacked[j] in one pass (read K, write once) with a compiled CPU
+    kernel. False where it does not apply (no numba, not CPU fp32), so the caller falls back."""
+    kernel = _fused_kernel(len(alpha))
+    if kernel is None or out.device.type != "cpu" or out.dtype != torch.float32 or not out.is_contiguous():
+        return False
+    rows = [stacked[j].reshape(-1).numpy() for j in range(len(alpha))]
+    with _KERNEL_LOCK:  # the kernel already uses every core; numba's default pool is not re-entrant
+        kernel(out.view(-1).numpy(), *rows, np.asarray(alpha, dtype=np.float32))
+    return True
+
+
+_KERNELS: dict[int, object] = {}
+_KERNEL_LOCK = threading.Lock()
+
+
+def _fused_kernel(k: int):
+    """A numba kernel summing exactly k rows, generated once per k: one-dimensional rows with
+    the sum written out term by term vectorise, where a 2-D indexed loop does not."""
+    if k not in _KERNELS:
+        try:
+            import numba
+        except ImportError:
+            _KERNELS[k] = None
+            return None
+        args = ", ".join(f"b{j}" for j in range(k))
+        terms = " + ".join(f"a[{j}] * b{j}[i]" for j in range(k))
+        src = f"def fused(out, {args}, a):\n    for i in numba.prange(out.shape[0]):\n        out[i] = {terms}\n"
+        namespace: dict = {"numba": numba}
+        exec(src, namespace)  # noqa: S102 - generated from integers only
+        _KERNELS[k] = numba.njit(parallel=True, fastmath=False, nogil=True)(namespace["fused"])
+    return _KERNELS[k]
 
 
 def weighted_sum_into(out: torch.Tensor, tensors: torch.Tensor | Sequence[torch.Tensor], alpha: Sequence[float]) -> None:
