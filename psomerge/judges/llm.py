@@ -76,6 +76,7 @@ class LLMJudge:
     price_per_mtok_prompt: float = 0.0
     price_per_mtok_completion: float = 0.0
     cache_path: Path | None = None
+    serve: dict[str, Any] | None = None  # start a vLLM server: {model_path, python, ...} (VLLMServer's keys)
     name: str = "llm"
     stats: JudgeStats = field(default_factory=JudgeStats)
 
@@ -90,10 +91,30 @@ class LLMJudge:
             raise ConfigError(f"llm judge: scale {self.scale} needs low < high")
         self._lock = threading.Lock()
         self._cache = SqliteKV(self.cache_path, "judge") if self.cache_path else None
-        from openai import OpenAI  # optional dependency: psomerge[judges]
+        self._client = None
+        self._server = None
 
-        self._client = OpenAI(base_url=self.base_url, api_key=os.environ.get(self.api_key_env) or "none",
-                              max_retries=self.max_retries, timeout=self.timeout)
+    def client(self):
+        """The openai client; starts the vLLM server first when the config asks for one."""
+        with self._lock:
+            if self._client is None:
+                from openai import OpenAI  # optional dependency: psomerge[judges]
+
+                if self.serve is not None:
+                    from psomerge.judges.vllm_server import VLLMServer
+
+                    self._server = VLLMServer(**{"served_name": self.model, **self.serve}).start()
+                    self.base_url = self._server.url
+                self._client = OpenAI(base_url=self.base_url, api_key=os.environ.get(self.api_key_env) or "none",
+                                      max_retries=self.max_retries, timeout=self.timeout)
+            return self._client
+
+    def close(self) -> None:
+        """Stop the vLLM server this judge started, if any."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+            self._client = None
 
     def config(self) -> dict[str, Any]:
         """What changes a verdict (the endpoint does not: equal models behind two URLs agree)."""
@@ -144,7 +165,7 @@ class LLMJudge:
         reply = ""
         for _ in range(attempts):
             try:
-                resp = self._client.chat.completions.create(
+                resp = self.client().chat.completions.create(
                     model=self.model, messages=[{"role": "user", "content": prompt}],
                     temperature=self.temperature, max_tokens=self.max_tokens)
             except (openai.OpenAIError, ValueError) as exc:  # retries exhausted, non-retryable, or a non-JSON body

@@ -1,13 +1,18 @@
-"""Fitness of a particle: cache look-up, else materialise into the resident model and score
-the optimisation split. The held-out split is not reachable from here."""
+"""Fitness of a particle: cache look-up, else materialise into a resident model and score
+the optimisation split. The held-out split is not reachable from here.
+
+Each thread that scores gets its own resident model and generator (built on first use by
+``make_resident``); the basis, suites and cache are shared read-only across threads.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -30,31 +35,51 @@ class FitnessCounts:
     examples_scored: int = 0
 
 
-class ParticleEvaluator:
-    """Scores particles on the optimisation split with one resident model."""
+@dataclass
+class Resident:
+    """One model in memory that particles are written into, and its generator."""
 
-    def __init__(self, basis: Basis, model, generator, suites: Sequence[EvalSuite], cache: FitnessCache | None = None):
-        self.basis, self.model, self.generator, self.suites = basis, model, generator, list(suites)
-        self.cache = cache
-        self.fingerprint = evaluation_fingerprint(self.suites, generator.config())
+    model: Any
+    generator: Any
+
+
+class ParticleEvaluator:
+    def __init__(self, basis: Basis, suites: Sequence[EvalSuite], cache: FitnessCache | None,
+                 make_resident: Callable[[], Resident], generation_config: dict):
+        self.basis, self.suites, self.cache = basis, list(suites), cache
+        self.make_resident = make_resident
+        self.fingerprint = evaluation_fingerprint(self.suites, generation_config)
         self.counts = FitnessCounts()
-        self._lock = threading.Lock()  # one resident model: one particle at a time
+        self._counts_lock = threading.Lock()
+        self._local = threading.local()
+        self.residents: list[Resident] = []
+
+    def resident(self) -> Resident:
+        r = getattr(self._local, "resident", None)
+        if r is None:
+            r = self._local.resident = self.make_resident()
+            with self._counts_lock:
+                self.residents.append(r)
+        return r
 
     def key(self, coeffs: np.ndarray) -> str:
         return particle_key(self.basis.fingerprint, coeffs, self.fingerprint)
 
     def __call__(self, coeffs: np.ndarray) -> CachedFitness:
         key = self.key(coeffs)
-        with self._lock:
+        hit = self.cache.get(key) if self.cache is not None else None
+        with self._counts_lock:
             self.counts.calls += 1
-            if self.cache is not None and (hit := self.cache.get(key)) is not None:
-                self.counts.cache_hits += 1
-                return hit
-            self.basis.materialise(coeffs, self.model)
-            result = evaluate(self.generator, self.suites, "optimisation")
+            self.counts.cache_hits += hit is not None
+        if hit is not None:
+            return hit
+        r = self.resident()
+        self.basis.materialise(coeffs, r.model)
+        result = evaluate(r.generator, self.suites, "optimisation")
+        with self._counts_lock:
             self.counts.scorings += 1
             self.counts.examples_scored += result.num_examples
-            value = CachedFitness(result.fitness, result.scores, {"examples": result.num_examples})
-            if self.cache is not None:
-                self.cache.put(key, value)
-            return value
+        value = CachedFitness(result.fitness, result.scores, {"examples": result.num_examples})
+        if self.cache is not None:
+            self.cache.put(key, value)
+        return value
