@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from psomerge.config import OptimizerConfig, RunConfig, SuiteConfig
 from psomerge.evalsuite import EvalSuite
 from psomerge.evaluation import EvalResult, evaluate
-from psomerge.io import StreamingSafetensorsWriter, copy_model_files
+from psomerge.io import Checkpoint, StreamingSafetensorsWriter, check_compatible, copy_model_files
 from psomerge.judges.registry import make_scorer
 from psomerge.judges.generation import TransformersGenerator, generation_config
 from psomerge.paths import data_dir
@@ -141,6 +141,18 @@ class Workspace:
         r = self.evaluator.resident()
         self.basis.materialise(coeffs, r.model)
         return evaluate(r.generator, self.suites, "heldout")
+
+    @torch.no_grad()
+    def evaluate_folder(self, model_dir: Path, split: str) -> EvalResult:
+        """Scores of a merged checkpoint folder, loaded into a resident model (no second model)."""
+        r = self.evaluator.resident()
+        params = dict(r.model.named_parameters(remove_duplicate=False))
+        with Checkpoint(model_dir) as ckpt:
+            check_compatible(self.basis.members[0], [ckpt])
+            for name in self.basis.names:
+                if name in params:
+                    params[name].data.copy_(ckpt.get(name))
+        return evaluate(r.generator, self.suites, split)  # type: ignore[arg-type]
 
     def close(self) -> None:
         for suite in self.suites:  # stop judge servers this run started

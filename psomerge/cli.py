@@ -166,6 +166,75 @@ def swarm(
     out.print(f"merged model: {run.output_dir / 'model'}")
 
 
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="run config YAML")],
+    resume: Annotated[bool, typer.Option(help="continue a crashed run from its checkpoint")] = False,
+    verbose: bool = False,
+) -> None:
+    """Run the PSO-Merging Prefect flow (tracked in MLflow, registered, promotion-gated)."""
+    _setup(verbose)
+    from psomerge.config import RunConfig
+
+    try:
+        cfg = RunConfig.load(config)
+        from psomerge.flows.pso import pso_merge, task_runner
+
+        summary = pso_merge.with_options(task_runner=task_runner(cfg.runner))(str(config), resume=resume)
+    except PsomergeError as exc:
+        _fail(exc)
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.table import Table
+
+    out = Console(width=max(console.width, 110))
+    rows = summary["heldout"]
+    tasks = [k for k in next(iter(rows.values())) if k != "weighted_mean"]
+    table = Table(title="held-out scores (never read by the search)", title_justify="left")
+    for col in ("model", *tasks, "weighted mean"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for label, scores in rows.items():
+        table.add_row(label, *[f"{scores[t]:.3f}" for t in tasks], f"{scores['weighted_mean']:.3f}")
+    out.print(table)
+    c, p = summary["counts"], summary["promotion"]
+    out.print(f"fitness calls {c['fitness_calls']}, scorings {c['scorings']}, cache hits {c['cache_hits']} "
+              f"(Prefect-cached {c['prefect_cache_hits']})")
+    out.print(f"MLflow run {summary['run_id']}; registered version {summary['version']}; "
+              f"champion {'moved' if p['promoted'] else 'kept'}: {p['reason']}")
+
+
+@app.command()
+def promote(
+    model_name: Annotated[str, typer.Argument(help="registered model name")],
+    margin: Annotated[float, typer.Option(help="held-out margin the candidate must beat the champion by")] = 0.0,
+    verbose: bool = False,
+) -> None:
+    """Move alias 'champion' to 'candidate' when the candidate's held-out score is higher."""
+    _setup(verbose)
+    from psomerge.flows.registry import promote as promote_flow
+
+    decision = promote_flow(model_name, margin)
+    console.print(f"{'promoted' if decision['promoted'] else 'not promoted'}: {decision['reason']}")
+
+
+@app.command()
+def deploy(
+    config: Annotated[Path, typer.Argument(help="run config YAML")],
+    cron: Annotated[str, typer.Option(help="schedule, e.g. '0 3 * * *'")],
+    name: Annotated[Optional[str], typer.Option(help="deployment name (default: the config's name)")] = None,
+) -> None:
+    """Serve the PSO-Merging flow as a scheduled Prefect deployment (needs a Prefect server:
+    set PREFECT_API_URL). Runs until interrupted."""
+    _setup(False)
+    from psomerge.config import RunConfig
+    from psomerge.flows.pso import pso_merge
+
+    cfg = RunConfig.load(config)
+    pso_merge.serve(name=name or cfg.name, cron=cron, parameters={"config_path": str(config.resolve())})
+
+
 def main() -> None:  # pragma: no cover
     app()
 

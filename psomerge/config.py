@@ -66,6 +66,21 @@ class OptimizerConfig(_Strict):
     sigma0: float = 0.3
 
 
+class RunnerConfig(_Strict):
+    """Where particles are scored: threads in this process, or Dask / Ray workers."""
+
+    type: Literal["threads", "dask", "ray"] = "threads"
+    max_workers: int = Field(1, ge=1)  # threads, or local Dask workers / Ray CPUs
+    address: str | None = None  # an existing Dask scheduler or Ray cluster
+
+
+class RegistryConfig(_Strict):
+    experiment: str = "psomerge"
+    model_name: str = "psomerge-merged"
+    promotion_margin: float = Field(0.0, ge=0)  # the candidate must beat the champion by more than this
+    baselines: list[str] = ["average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "della"]
+
+
 class RunConfig(_Strict):
     name: str = "psomerge"
     base: Path
@@ -74,6 +89,8 @@ class RunConfig(_Strict):
     basis: BasisConfig = BasisConfig()
     generation: GenerationConfig = GenerationConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
+    runner: RunnerConfig = RunnerConfig()
+    registry: RegistryConfig = RegistryConfig()
     output_dir: Path | None = None  # default: <data dir>/runs/<name>
     cache_path: Path | None = None  # default: <data dir>/cache/fitness.sqlite
     source: str = Field("<config>", exclude=True)

@@ -14,7 +14,14 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers such as chat_server
 
+import json  # noqa: E402
+
+import torch  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from psomerge.demo.charlm import char_tokenizer, tiny_llama_config  # noqa: E402
 from psomerge.demo.synthetic import llama_config, make_family  # noqa: E402
+from psomerge.demo.tasks import ALPHABET, DEMO_TASKS, unique_examples  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +29,33 @@ def family(tmp_path_factory):
     """A random fp32 base and three perturbed experts (tiny Llama)."""
     root = tmp_path_factory.mktemp("family")
     return make_family(root, n_experts=3, config=llama_config(), noise=0.02)
+
+
+@pytest.fixture(scope="session")
+def char_family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("charfam")
+    tok = char_tokenizer(ALPHABET)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config(len(tok), hidden=32, layers=2, heads=2))
+    base.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    experts = []
+    for i in range(2):
+        e = LlamaForCausalLM(base.config)
+        e.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in e.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        e.save_pretrained(root / f"e{i}")
+        tok.save_pretrained(root / f"e{i}")
+        experts.append(root / f"e{i}")
+    data = {}
+    for task in DEMO_TASKS[:2]:
+        path = root / f"{task.name}.jsonl"
+        with open(path, "w") as f:
+            for j, (q, a) in enumerate(unique_examples(task.hard, 40, seed=1)):
+                f.write(json.dumps({"id": j, "question": q, "answer": a}) + "\n")
+        data[task.name] = path
+    return root, experts, data
+
+

@@ -1,6 +1,6 @@
 import torch
 import pytest
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from psomerge.demo.charlm import char_tokenizer, tiny_llama_config
 from psomerge.demo.tasks import ALPHABET

@@ -1,6 +1,5 @@
 """A swarm run end to end on real (tiny) models with exact-match fitness."""
 
-import json
 
 import numpy as np
 import pytest
@@ -9,38 +8,8 @@ from transformers import LlamaForCausalLM
 
 from psomerge.api import run_swarm, Workspace
 from psomerge.config import RunConfig
-from psomerge.demo.charlm import char_tokenizer, tiny_llama_config
-from psomerge.demo.tasks import ALPHABET, DEMO_TASKS, unique_examples
 from psomerge.errors import ConfigError
 from psomerge.evalsuite import EvalSuite
-
-
-@pytest.fixture(scope="module")
-def char_family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("charfam")
-    tok = char_tokenizer(ALPHABET)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(tiny_llama_config(len(tok), hidden=32, layers=2, heads=2))
-    base.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    experts = []
-    for i in range(2):
-        e = LlamaForCausalLM(base.config)
-        e.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for p in e.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        e.save_pretrained(root / f"e{i}")
-        tok.save_pretrained(root / f"e{i}")
-        experts.append(root / f"e{i}")
-    data = {}
-    for task in DEMO_TASKS[:2]:
-        path = root / f"{task.name}.jsonl"
-        with open(path, "w") as f:
-            for j, (q, a) in enumerate(unique_examples(task.hard, 40, seed=1)):
-                f.write(json.dumps({"id": j, "question": q, "answer": a}) + "\n")
-        data[task.name] = path
-    return root, experts, data
 
 
 def make_config(root, experts, data, **opt):

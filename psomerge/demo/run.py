@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -15,38 +14,10 @@ from psomerge.evaluation import EvalResult, evaluate
 from psomerge.judges import ExactMatch
 from psomerge.judges.generation import TransformersGenerator
 from psomerge.merging.engine import run_merge
-from psomerge.merging.recipe import MergeRecipe
+from psomerge.merging.baselines import STATIC_BASELINES, baseline_recipe
 
 OPTIMISATION_SIZE = 60
 MAX_NEW_TOKENS = 10
-
-# One recipe per static baseline. Weights and densities follow common practice
-# (task arithmetic lambda ~ 1/N scaled up, TIES/DARE densities 0.5 / 0.3 keep rates).
-STATIC_BASELINES: dict[str, dict[str, Any]] = {
-    "average": {"merge_method": "linear", "weight": 1.0},
-    "task_arithmetic": {"merge_method": "task_arithmetic", "weight": 0.7},
-    "ties": {"merge_method": "ties", "weight": 1.0, "density": 0.5, "lambda": 1.0},
-    "dare_linear": {"merge_method": "dare_linear", "weight": 0.7, "density": 0.3},
-    "dare_ties": {"merge_method": "dare_ties", "weight": 1.0, "density": 0.3},
-    "della": {"merge_method": "della", "weight": 1.0, "density": 0.4, "epsilon": 0.1, "lambda": 1.0},
-}
-
-
-def baseline_recipe(name: str, base: Path, experts: list[Path], seed: int = 0) -> MergeRecipe:
-    spec = dict(STATIC_BASELINES[name])
-    method = spec.pop("merge_method")
-    lam = spec.pop("lambda", None)
-    data: dict[str, Any] = {
-        "merge_method": method,
-        "models": [{"model": str(p), "parameters": dict(spec)} for p in experts],
-        "seed": seed,
-    }
-    if method != "linear":
-        data["base_model"] = str(base)
-    if lam is not None:
-        data["parameters"] = {"lambda": lam}
-    return MergeRecipe.from_dict(data, source=f"<baseline {name}>")
-
 
 def demo_suites(assets: DemoAssets) -> list[EvalSuite]:
     return [

@@ -90,7 +90,7 @@ class LLMJudge:
         if not low < high:
             raise ConfigError(f"llm judge: scale {self.scale} needs low < high")
         self._lock = threading.Lock()
-        self._cache = SqliteKV(self.cache_path, "judge") if self.cache_path else None
+        self._cache = SqliteKV(self.cache_path, "judge_cache") if self.cache_path else None
         self._client = None
         self._server = None
 

@@ -37,7 +37,7 @@ class CachedFitness:
 class FitnessCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._store = SqliteKV(path, "fitness")
+        self._store = SqliteKV(path, "fitness_cache")
         self.hits = 0
         self.misses = 0
 

@@ -62,6 +62,7 @@ def run_optimizer(
     evaluate_batch: Callable[[list[np.ndarray]], list[CachedFitness]] | None = None,
     on_step: Callable[[StepReport], None] | None = None,
     counts: Callable[[], dict[str, int]] | None = None,
+    checkpoint_extra: Callable[[], dict[str, Any]] | None = None,
 ) -> SwarmResult:
     """Ask, score, tell until done. ``evaluate_batch`` may score a step's particles
     concurrently; by default they are scored one after another with ``fitness``."""
@@ -82,7 +83,8 @@ def run_optimizer(
         report = StepReport(h["step"], optimizer.best_fitness, best_scores, h["mean"], h["std"],
                             optimizer.evaluations, counts() if counts else {})
         if checkpoint is not None:
-            save_checkpoint(checkpoint, optimizer, {"best_scores": best_scores, "counts": report.counts})
+            extra = checkpoint_extra() if checkpoint_extra else {}
+            save_checkpoint(checkpoint, optimizer, {"best_scores": best_scores, "counts": report.counts, **extra})
         if on_step:
             on_step(report)
     return SwarmResult(optimizer.best_position, optimizer.best_fitness, best_scores, optimizer.step,

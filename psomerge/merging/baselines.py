@@ -1,0 +1,38 @@
+"""The static baselines every report compares against, as mergekit-style recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from psomerge.errors import ConfigError
+from psomerge.merging.recipe import MergeRecipe
+
+# One recipe per baseline, with settings common in the merging literature for a handful of
+# experts: task-arithmetic scale 0.7, TIES keeping 50%, DARE keeping 30%, DELLA 40% +- 10%.
+STATIC_BASELINES: dict[str, dict[str, Any]] = {
+    "average": {"merge_method": "linear", "weight": 1.0},
+    "task_arithmetic": {"merge_method": "task_arithmetic", "weight": 0.7},
+    "ties": {"merge_method": "ties", "weight": 1.0, "density": 0.5, "lambda": 1.0},
+    "dare_linear": {"merge_method": "dare_linear", "weight": 0.7, "density": 0.3},
+    "dare_ties": {"merge_method": "dare_ties", "weight": 1.0, "density": 0.3},
+    "della": {"merge_method": "della", "weight": 1.0, "density": 0.4, "epsilon": 0.1, "lambda": 1.0},
+}
+
+
+def baseline_recipe(name: str, base: Path, experts: list[Path], seed: int = 0) -> MergeRecipe:
+    if name not in STATIC_BASELINES:
+        raise ConfigError(f"unknown baseline {name!r}; known: {', '.join(STATIC_BASELINES)}")
+    spec = dict(STATIC_BASELINES[name])
+    method = spec.pop("merge_method")
+    lam = spec.pop("lambda", None)
+    data: dict[str, Any] = {
+        "merge_method": method,
+        "models": [{"model": str(p), "parameters": dict(spec)} for p in experts],
+        "seed": seed,
+    }
+    if method != "linear":
+        data["base_model"] = str(base)
+    if lam is not None:
+        data["parameters"] = {"lambda": lam}
+    return MergeRecipe.from_dict(data, source=f"<baseline {name}>")

@@ -1,0 +1,1 @@
+"""MLflow tracking and model registry (imported only by the orchestration layer)."""
