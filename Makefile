@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml
 	# torch first, exactly pinned, so pip takes the CPU wheel from local disk
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[pipelines,judges,gguf,compare,test]'
+	# bubblewrap adds a layer to the code-execution sandbox; optional, best effort as root
+	command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q bubblewrap >/dev/null 2>&1; } || true
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -28,6 +28,7 @@ from psomerge.swarm import (
 )
 from psomerge.swarm.basis import Basis
 from psomerge.swarm.fitness import ParticleEvaluator, Resident
+from psomerge.swarm.cache import CachedFitness, particle_key
 from psomerge.swarm.run import StepReport, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -111,13 +112,6 @@ class Workspace:
                                           batch_size=g.batch_size, max_new_tokens=g.max_new_tokens, stop=g.stop)
         return Resident(model, generator)
 
-    @property
-    def model(self):
-        return self.evaluator.resident().model
-
-    @property
-    def generator(self) -> TransformersGenerator:
-        return self.evaluator.resident().generator
 
     def counts(self) -> dict[str, float]:
         c = self.evaluator.counts
@@ -136,23 +130,41 @@ class Workspace:
 
     _previous_tokens = 0  # generated before a resume
 
+    def _cached(self, key: str, compute) -> EvalResult:
+        """Final evaluations are cached like fitness (a rerun recomputes nothing)."""
+        hit = self.cache.get(key)
+        if hit is not None:
+            return EvalResult(hit.scores, hit.fitness, int(hit.meta.get("examples", 0)))
+        result = compute()
+        self.cache.put(key, CachedFitness(result.fitness, result.scores, {"examples": result.num_examples}))
+        return result
+
     def heldout(self, coeffs: np.ndarray) -> EvalResult:
         """Held-out scores of a particle: only the final evaluation calls this."""
-        r = self.evaluator.resident()
-        self.basis.materialise(coeffs, r.model)
-        return evaluate(r.generator, self.suites, "heldout")
+        def compute() -> EvalResult:
+            with self.evaluator.resident() as r:
+                self.basis.materialise(coeffs, r.model)
+                return evaluate(r.generator, self.suites, "heldout")
+
+        key = particle_key(self.basis.fingerprint, coeffs, self.evaluator.fingerprint + ":heldout")
+        return self._cached(key, compute)
 
     @torch.no_grad()
     def evaluate_folder(self, model_dir: Path, split: str) -> EvalResult:
         """Scores of a merged checkpoint folder, loaded into a resident model (no second model)."""
-        r = self.evaluator.resident()
-        params = dict(r.model.named_parameters(remove_duplicate=False))
-        with Checkpoint(model_dir) as ckpt:
-            check_compatible(self.basis.members[0], [ckpt])
-            for name in self.basis.names:
-                if name in params:
-                    params[name].data.copy_(ckpt.get(name))
-        return evaluate(r.generator, self.suites, split)  # type: ignore[arg-type]
+        ckpt = Checkpoint(model_dir)
+        check_compatible(self.basis.members[0], [ckpt])
+
+        def compute() -> EvalResult:
+            with self.evaluator.resident() as r, ckpt:
+                params = dict(r.model.named_parameters(remove_duplicate=False))
+                for name in self.basis.names:
+                    if name in params:
+                        params[name].data.copy_(ckpt.get(name))
+                return evaluate(r.generator, self.suites, split)  # type: ignore[arg-type]
+
+        key = f"folder:{ckpt.fingerprint()}:{self.evaluator.fingerprint}:{split}"
+        return self._cached(key, compute)
 
     def close(self) -> None:
         for suite in self.suites:  # stop judge servers this run started

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -26,8 +27,8 @@ def _setup(verbose: bool) -> None:
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in ("httpx", "urllib3", "filelock", "prefect", "mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -84,17 +85,22 @@ def merge(
 @app.command()
 def demo(
     data_dir: Annotated[Optional[Path], typer.Option(help="where demo models and caches live (default $PSOMERGE_HOME or ./.psomerge)")] = None,
+    steps: Annotated[int, typer.Option(help="PSO steps; CMA-ES gets the same number of evaluations")] = 5,
     verbose: bool = False,
 ) -> None:
-    """Build the demo experts (cached) and print a held-out table of base, experts and static merges."""
+    """Build the demo experts (cached), then run the static baselines, PSO-Merging and CMA-ES
+    at equal evaluation budgets through the Prefect flow with MLflow tracking, register the
+    merges and promote the champion."""
+    if data_dir is not None:
+        os.environ["PSOMERGE_HOME"] = str(data_dir.resolve())
     _setup(verbose)
-    from psomerge.demo.build import DemoSpec
-    from psomerge.demo.run import run_static_demo
-    from psomerge.paths import data_dir as default_data_dir
-    from psomerge.report import score_table
+    import yaml
 
-    root = data_dir or default_data_dir()
-    spec = DemoSpec()
+    from psomerge.demo.build import DemoSpec, build_demo
+    from psomerge.demo.run import demo_run_config
+    from psomerge.paths import data_dir as default_data_dir
+
+    root = default_data_dir()
     try:
         with Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
@@ -107,11 +113,31 @@ def demo(
                     bars[name] = progress.add_task(label, total=total)
                 progress.update(bars[name], completed=step)
 
-            report = run_static_demo(root, spec, on_build_progress=on_build, on_stage=lambda m: console.log(m))
+            assets = build_demo(root, DemoSpec(), on_build)
+        from psomerge.flows.pso import pso_merge, task_runner
+
+        summaries = {}
+        for optimizer, baselines in (("pso", None), ("cmaes", [])):  # baselines once, in the PSO run
+            cfg = demo_run_config(assets, optimizer, steps, baselines=baselines)
+            path = root / "runs" / f"{cfg.name}.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+            console.log(f"running the {optimizer} flow ({path})")
+            summaries[optimizer] = pso_merge.with_options(task_runner=task_runner(cfg.runner))(str(path))
     except PsomergeError as exc:
         _fail(exc)
-    Console(width=max(console.width, 110)).print(score_table("held-out exact match (static merges)", report.rows, report.suites))
-    console.print(f"demo models under {report.assets.root}")
+    merged = summaries["pso"]
+    merged["heldout"]["psomerge:cmaes"] = summaries["cmaes"]["heldout"]["psomerge:cmaes"]
+    _print_summary(merged)
+    c = summaries["cmaes"]
+    console.print(f"CMA-ES: fitness calls {c['counts']['fitness_calls']}, scorings {c['counts']['scorings']}, "
+                  f"cache hits {c['counts']['cache_hits']}; registered version {c['version']}; champion "
+                  f"{'moved' if c['promotion']['promoted'] else 'kept'}: {c['promotion']['reason']}")
+    db = (root / "mlflow.db").resolve()
+    console.print(f"\nMLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{db}  (then http://127.0.0.1:5000)")
+    console.print("Prefect UI: .venv/bin/prefect server start, and set PREFECT_API_URL=http://127.0.0.1:4200/api "
+                  "before a run so its flow runs are kept there")
+    console.print(f"champion:   models:/psomerge-demo@champion (demo models under {assets.root})")
 
 
 @app.command()

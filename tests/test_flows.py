@@ -236,3 +236,13 @@ def test_mlflow_tracking_server_on_loopback(tmp_path, monkeypatch):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_deployment_carries_the_cron_schedule(tmp_path, char_family):
+    from psomerge.flows.pso import pso_merge
+
+    cfg = write_config(tmp_path / "run.yaml", char_family, "nightly")
+    deployment = pso_merge.to_deployment(name="nightly", cron="0 3 * * *", parameters={"config_path": str(cfg)})
+    assert deployment.name == "nightly"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    assert deployment.parameters == {"config_path": str(cfg)}

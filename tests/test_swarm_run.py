@@ -53,10 +53,11 @@ def test_written_model_equals_materialised_particle(char_family, tmp_path, monke
     ws = Workspace(make_config(root, experts, data))
     coeffs = np.array([[0.2, 0.5, 0.1, 0.1, 0.1]])
     ws.write_model(coeffs, tmp_path / "m")
-    ws.basis.materialise(coeffs, ws.model)
     loaded = LlamaForCausalLM.from_pretrained(tmp_path / "m")
-    for (name, p), q in zip(ws.model.named_parameters(), loaded.parameters()):
-        assert torch.equal(p, q), name
+    with ws.evaluator.resident() as r:
+        ws.basis.materialise(coeffs, r.model)
+        for (name, p), q in zip(r.model.named_parameters(), loaded.parameters()):
+            assert torch.equal(p, q), name
 
 
 def test_config_errors_name_file_and_key(tmp_path):

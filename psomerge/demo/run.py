@@ -71,10 +71,14 @@ def run_static_demo(
     return DemoReport(assets, suites, rows)
 
 
-def demo_run_config(assets: DemoAssets, optimizer: str = "pso", steps: int = 5, name: str | None = None):
+def demo_run_config(assets: DemoAssets, optimizer: str = "pso", steps: int = 5, name: str | None = None,
+                    baselines: list[str] | None = None):
     """The swarm run config for the demo experts (what configs/demo.yaml spells out)."""
     from psomerge.config import RunConfig
 
+    registry = {"model_name": "psomerge-demo"}
+    if baselines is not None:
+        registry["baselines"] = baselines
     return RunConfig.from_dict({
         "name": name or f"demo-{optimizer}",
         "base": str(assets.base),
@@ -87,4 +91,5 @@ def demo_run_config(assets: DemoAssets, optimizer: str = "pso", steps: int = 5, 
         ],
         "generation": {"max_new_tokens": MAX_NEW_TOKENS, "batch_size": 256},
         "optimizer": {"type": optimizer, "steps": steps},
+        "registry": registry,
     }, source="<demo>")

@@ -38,7 +38,7 @@ def _free_port() -> int:
 class VLLMServer:
     model_path: str
     served_name: str = "judge"
-    python: str = ".venv-vllm/bin/python"
+    python: str = field(default_factory=lambda: os.environ.get("PSOMERGE_VLLM_PYTHON", ".venv-vllm/bin/python"))
     port: int | None = None
     dtype: str = "bfloat16"
     max_model_len: int = 2048

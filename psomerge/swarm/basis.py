@@ -137,8 +137,8 @@ class Basis:
         expert i minus the base, sum_j alpha_j B_j = (alpha_0 + sum_i b_i) base
         + sum_i alpha_i expert_i + sum_i b_i scatter(s_i).
         """
-        if not self._dense:
-            weighted_sum_into(out, [m.get(name) for m in self.members], alpha)
+        if not self._dense:  # memory-mapped members, moved to the model's device one name at a time
+            weighted_sum_into(out, [m.get(name).to(out.device) for m in self.members], alpha)
             return
         if not self._sparse:
             stacked = self._dense[name]

@@ -1,8 +1,10 @@
 """Fitness of a particle: cache look-up, else materialise into a resident model and score
 the optimisation split. The held-out split is not reachable from here.
 
-Each thread that scores gets its own resident model and generator (built on first use by
-``make_resident``); the basis, suites and cache are shared read-only across threads.
+Resident models (with their generators) are pooled: a scoring call borrows a free one, or
+builds one with ``make_resident`` when all are busy, and returns it afterwards. So there are
+as many residents as particles scored at the same time, however many threads come and go;
+the basis, suites and cache are shared read-only.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,16 +54,23 @@ class ParticleEvaluator:
         self.fingerprint = evaluation_fingerprint(self.suites, generation_config)
         self.counts = FitnessCounts()
         self._counts_lock = threading.Lock()
-        self._local = threading.local()
+        self._free: list[Resident] = []
         self.residents: list[Resident] = []
 
-    def resident(self) -> Resident:
-        r = getattr(self._local, "resident", None)
+    @contextmanager
+    def resident(self) -> Iterator[Resident]:
+        """Borrow a resident model for the duration of the block."""
+        with self._counts_lock:
+            r = self._free.pop() if self._free else None
         if r is None:
-            r = self._local.resident = self.make_resident()
+            r = self.make_resident()
             with self._counts_lock:
                 self.residents.append(r)
-        return r
+        try:
+            yield r
+        finally:
+            with self._counts_lock:
+                self._free.append(r)
 
     def key(self, coeffs: np.ndarray) -> str:
         return particle_key(self.basis.fingerprint, coeffs, self.fingerprint)
@@ -73,9 +83,9 @@ class ParticleEvaluator:
             self.counts.cache_hits += hit is not None
         if hit is not None:
             return hit
-        r = self.resident()
-        self.basis.materialise(coeffs, r.model)
-        result = evaluate(r.generator, self.suites, "optimisation")
+        with self.resident() as r:
+            self.basis.materialise(coeffs, r.model)
+            result = evaluate(r.generator, self.suites, "optimisation")
         with self._counts_lock:
             self.counts.scorings += 1
             self.counts.examples_scored += result.num_examples

@@ -1,0 +1,91 @@
+"""Orchestration overhead and warm-cache reruns on the demo experts.
+
+In one command, each in its own process with its own fresh data directory (cold caches):
+  library: psomerge.api.run_swarm (search + held-out rows + merged model written)
+  flow:    the Prefect flow pso_merge (the same work, plus MLflow tracking, registration and
+           the promotion gate), timed after the temporary Prefect server is up; the
+           server's one-time start is reported apart
+  rerun:   the flow again on the same data directory (warm fitness and Prefect caches)
+PSO with 5 steps over K = 7 (42 particles), no static baselines.
+
+Usage: .venv/bin/python benchmarks/orchestration.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CHILD = r"""
+import json, sys, time
+mode, config_path = sys.argv[1], sys.argv[2]
+if mode == "library":
+    from psomerge.api import run_swarm
+    from psomerge.config import RunConfig
+    t = time.perf_counter()
+    run = run_swarm(RunConfig.load(config_path))
+    print("RESULT" + json.dumps({"seconds": time.perf_counter() - t, "scorings": run.counts["scorings"]}))
+else:
+    import psomerge.flows  # Prefect defaults
+    from prefect import flow
+    from psomerge.flows.pso import pso_merge
+    @flow
+    def warm_up():
+        return 1
+    t = time.perf_counter()
+    warm_up()  # starts the temporary Prefect server
+    startup = time.perf_counter() - t
+    out = {"startup": startup}
+    for i in range(int(sys.argv[3])):
+        t = time.perf_counter()
+        s = pso_merge(config_path)
+        out[f"run{i}"] = time.perf_counter() - t
+        out[f"scorings{i}"] = s["counts"]["scorings"]
+    print("RESULT" + json.dumps(out))
+"""
+
+
+def child(mode: str, config: Path, home: Path, runs: int = 1) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PSOMERGE_HOME"] = str(home)
+    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(config), str(runs)], env=env,
+                         capture_output=True, text=True, check=False)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT")), None)
+    if line is None:
+        raise SystemExit(f"{mode} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return json.loads(line.removeprefix("RESULT"))
+
+
+def main() -> None:
+    from psomerge.demo.build import build_demo
+    from psomerge.demo.run import demo_run_config
+    from psomerge.paths import data_dir
+
+    assets = build_demo(data_dir())
+    cfg = json.loads(demo_run_config(assets, "pso", 5, name="bench", baselines=[]).model_dump_json())
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        path = tmp / "bench.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        lib = child("library", path, tmp / "lib-home")
+        flow = child("flow", path, tmp / "flow-home", runs=2)
+    overhead = flow["run0"] / lib["seconds"] - 1
+    print(f"PSO-Merging on the demo experts, 42 particles, cold caches ({lib['scorings']} scorings)")
+    print(f"  library run_swarm            : {lib['seconds']:6.1f} s")
+    print(f"  Prefect flow pso_merge       : {flow['run0']:6.1f} s  ({overhead:+.1%} vs library; "
+          f"{flow['scorings0']} scorings)")
+    print(f"  temporary Prefect server start (once per process, not in the row above): {flow['startup']:.1f} s")
+    print(f"  flow rerun, warm caches      : {flow['run1']:6.1f} s  ({flow['run1'] / flow['run0']:.1%} of the first; "
+          f"{flow['scorings1']} scorings)")
+
+
+if __name__ == "__main__":
+    main()
