@@ -114,7 +114,7 @@ def demo(
                 progress.update(bars[name], completed=step)
 
             assets = build_demo(root, DemoSpec(), on_build)
-        from psomerge.flows.pso import pso_merge, task_runner
+        from psomerge.flows.pso import run_pso_flow
 
         summaries = {}
         for optimizer, baselines in (("pso", None), ("cmaes", [])):  # baselines once, in the PSO run
@@ -123,7 +123,7 @@ def demo(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
             console.log(f"running the {optimizer} flow ({path})")
-            summaries[optimizer] = pso_merge.with_options(task_runner=task_runner(cfg.runner))(str(path))
+            summaries[optimizer] = run_pso_flow(path)
     except PsomergeError as exc:
         _fail(exc)
     merged = summaries["pso"]
@@ -200,13 +200,10 @@ def run(
 ) -> None:
     """Run the PSO-Merging Prefect flow (tracked in MLflow, registered, promotion-gated)."""
     _setup(verbose)
-    from psomerge.config import RunConfig
-
     try:
-        cfg = RunConfig.load(config)
-        from psomerge.flows.pso import pso_merge, task_runner
+        from psomerge.flows.pso import run_pso_flow
 
-        summary = pso_merge.with_options(task_runner=task_runner(cfg.runner))(str(config), resume=resume)
+        summary = run_pso_flow(config, resume=resume)
     except PsomergeError as exc:
         _fail(exc)
     _print_summary(summary)

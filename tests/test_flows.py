@@ -200,10 +200,9 @@ def test_flow_on_two_worker_dask_cluster(tmp_path, char_family):
     try:
         cfg = write_config(tmp_path / "run.yaml", char_family, "dask", steps=1, baselines=(),
                            runner={"type": "dask", "max_workers": 2})
-        code = ("import json; from psomerge.config import RunConfig; from psomerge.flows.pso import pso_merge, task_runner\n"
+        code = ("import json; from psomerge.flows.pso import run_pso_flow\n"
                 "if __name__ == '__main__':\n"
-                f"    cfg = RunConfig.load({str(cfg)!r})\n"
-                f"    s = pso_merge.with_options(task_runner=task_runner(cfg.runner))({str(cfg)!r})\n"
+                f"    s = run_pso_flow({str(cfg)!r})\n"
                 "    print('SUMMARY' + json.dumps(s['counts']) + '|' + repr(s['best_fitness']))\n")
         script = tmp_path / "run_dask.py"
         script.write_text(code)

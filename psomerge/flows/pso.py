@@ -65,7 +65,7 @@ def _rows(results: dict[str, dict[str, Any]], split: str) -> list[tuple[str, Eva
     return [(label, EvalResult(r[split], r[f"{split}_fitness"], 0)) for label, r in results.items()]
 
 
-@flow(name="pso-merge", log_prints=False)
+@flow(name="pso-merge", log_prints=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def pso_merge(config_path: str, resume: bool = False) -> dict[str, Any]:
     cfg = RunConfig.load(config_path)
     config_json = cfg.model_dump_json()
@@ -150,6 +150,12 @@ def pso_merge(config_path: str, resume: bool = False) -> dict[str, Any]:
         return {"run_id": run.info.run_id, "version": version, "promotion": decision, "counts": counts.as_dict(),
                 "heldout": {lbl: r["heldout"] | {"weighted_mean": r["heldout_fitness"]} for lbl, r in evaluated.items()},
                 "best_fitness": result.best_fitness, "output_dir": str(out)}
+
+
+def run_pso_flow(config_path: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Run pso_merge with the task runner its config asks for (threads, Dask or Ray)."""
+    cfg = RunConfig.load(config_path)
+    return pso_merge.with_options(task_runner=task_runner(cfg.runner))(str(config_path), resume=resume)
 
 
 def _config_hash(config_json: str) -> str:

@@ -33,6 +33,8 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
+_FINGERPRINTS: dict[tuple, str] = {}
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -189,13 +191,20 @@ class Checkpoint:
         return sorted({self.path / i.file for i in self._infos.values()})
 
     def fingerprint(self) -> str:
-        """Content hash of the weight files (what the tensors are, not where they live)."""
-        h = hashlib.blake2b(digest_size=16)
-        for f in self.weight_files():
-            with open(f, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    h.update(chunk)
-        return h.hexdigest()
+        """Content hash of the weight files (what the tensors are, not where they live).
+
+        Memoised per process by (file, size, mtime): validation, the basis and the registry
+        all ask, and hashing a 7B checkpoint takes a while."""
+        files = self.weight_files()
+        stamp = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        if stamp not in _FINGERPRINTS:
+            h = hashlib.blake2b(digest_size=16)
+            for f in files:
+                with open(f, "rb") as fh:
+                    while chunk := fh.read(1 << 24):
+                        h.update(chunk)
+            _FINGERPRINTS[stamp] = h.hexdigest()
+        return _FINGERPRINTS[stamp]
 
     def close(self) -> None:
         self._handles.clear()
