@@ -161,9 +161,12 @@ def test_resume_after_killed_run_loses_and_repeats_no_scoring(tmp_path, char_fam
     assert resumed_best == full_best
     from psomerge.swarm.cache import FitnessCache
 
-    scored_full = len(FitnessCache(tmp_path / "full" / "cache" / "fitness.sqlite"))
-    scored_killed = len(FitnessCache(tmp_path / "killed" / "cache" / "fitness.sqlite"))
-    assert scored_killed == scored_full == full_counts["scorings"]  # nothing lost, nothing scored twice
+    cached_full = len(FitnessCache(tmp_path / "full" / "cache" / "fitness.sqlite"))
+    cached_killed = len(FitnessCache(tmp_path / "killed" / "cache" / "fitness.sqlite"))
+    assert cached_killed == cached_full  # the same particles and final evaluations, each stored once
+    # the crashed process scored 8: 5 in step 0 (checkpointed, counted) and 3 in step 1 (cached
+    # but never checkpointed); the resumed run takes those 3 from the cache instead of rescoring
+    assert resumed_counts["scorings"] == full_counts["scorings"] - 3
     assert resumed_counts["fitness_calls"] == full_counts["fitness_calls"]
 
 
