@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from psomerge.errors import ConfigError
+from psomerge.yamlconfig import read_yaml, validate
 
 
 class _Strict(BaseModel):
@@ -97,25 +97,13 @@ class RunConfig(_Strict):
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_yaml(path, "config"), source=str(path))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<config>") -> "RunConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: a run config is a mapping (base, experts, suites, ...)")
-        try:
-            cfg = cls(**data, source=source)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            key = ".".join(str(p) for p in err["loc"])
-            raise ConfigError(f"{source}: key {key!r}: {err['msg']}") from None
+        cfg = validate(cls, data, source)
         if len({s.name for s in cfg.suites}) != len(cfg.suites):
             raise ConfigError(f"{source}: suites: names must be unique")
         if not cfg.experts:

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from psomerge.errors import ConfigError
 from psomerge.merging.methods import MergeMethod, MergeOptions, ModelParams, get_method
+from psomerge.yamlconfig import read_yaml, validate
 
 DTYPES = {
     "float32": torch.float32,
@@ -47,14 +47,7 @@ class MergeRecipe(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> "MergeRecipe":
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read recipe ({exc.strerror})") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_yaml(path, "recipe"), source=str(path))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<recipe>") -> "MergeRecipe":
@@ -62,12 +55,7 @@ class MergeRecipe(BaseModel):
             raise ConfigError(f"{source}: a recipe is a mapping with merge_method, models, ...")
         if "slices" in data:
             raise ConfigError(f"{source}: key 'slices' (layer-wise passthrough) is not supported; use 'models'")
-        try:
-            recipe = cls(**data, source=source)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            key = ".".join(str(p) for p in err["loc"])
-            raise ConfigError(f"{source}: key {key!r}: {err['msg']}") from None
+        recipe = validate(cls, data, source)
         recipe.check()
         return recipe
 

@@ -95,34 +95,23 @@ class Optimizer(ABC):
         pass
 
 
-class PSOMerging(Optimizer):
-    """PSO-Merging: particles start one-hot at the basis models, v0 = 0; the final global best wins."""
+class _Swarm(Optimizer):
+    """Particles with positions, velocities and personal bests. Step 0 scores the starting
+    positions; each later step moves every particle (``_move``) and scores the new positions."""
 
-    name = "pso"
-
-    def __init__(self, k: int, groups: int, config: PSOConfig = PSOConfig()):
-        super().__init__(k, groups, config.seed)
-        self.config = config
-        self.x = initial_positions(k, groups, config.extra_particles, self.rng)
+    def __init__(self, k: int, groups: int, seed: int, extra_particles: int):
+        super().__init__(k, groups, seed)
+        self.x = initial_positions(k, groups, extra_particles, self.rng)
         self.v = np.zeros_like(self.x)
         self.pbest = self.x.copy()
         self.pbest_fitness = np.full(len(self.x), -np.inf)
 
+    @abstractmethod
+    def _move(self) -> tuple[np.ndarray, np.ndarray]:
+        """New (positions, velocities); draws its random numbers from self.rng."""
+
     def ask(self) -> list[np.ndarray]:
-        if self.step > 0:  # step 0 scores the starting positions
-            c = self.config
-            shape = (len(self.x), self.groups, 1)  # one r1, r2 per particle per group
-            r1, r2 = self.rng.random(shape), self.rng.random(shape)
-            gbest = self.best_position[None]
-            v = pso_velocity(self.x, self.v, self.pbest, gbest, r1, r2, c.inertia, c.cognitive, c.social)
-            if c.velocity_clamp is not None:
-                v = clamp_velocity(v, c.velocity_clamp)
-            x = self.x + v
-            if c.bounds is not None:
-                x = project_bounds(x, *c.bounds)
-            self._pending = (x, v)
-        else:
-            self._pending = (self.x, self.v)
+        self._pending = self._move() if self.step > 0 else (self.x, self.v)
         return list(self._pending[0])
 
     def _tell(self, positions, fitness):
@@ -130,9 +119,7 @@ class PSOMerging(Optimizer):
         better = fitness > self.pbest_fitness
         self.pbest[better] = self.x[better]
         self.pbest_fitness[better] = fitness[better]
-
-    def done(self) -> bool:
-        return self.step > self.config.steps
+        return better
 
     def _extra_state(self):
         return {"x": _arr(self.x), "v": _arr(self.v), "pbest": _arr(self.pbest),
@@ -141,6 +128,32 @@ class PSOMerging(Optimizer):
     def _load_extra(self, state):
         self.x, self.v, self.pbest = _unarr(state["x"]), _unarr(state["v"]), _unarr(state["pbest"])
         self.pbest_fitness = _unarr(state["pbest_fitness"])
+
+
+class PSOMerging(_Swarm):
+    """PSO-Merging: particles start one-hot at the basis models, v0 = 0; the final global best wins."""
+
+    name = "pso"
+
+    def __init__(self, k: int, groups: int, config: PSOConfig = PSOConfig()):
+        self.config = config
+        super().__init__(k, groups, config.seed, config.extra_particles)
+
+    def _move(self):
+        c = self.config
+        shape = (len(self.x), self.groups, 1)  # one r1, r2 per particle per group
+        r1, r2 = self.rng.random(shape), self.rng.random(shape)
+        v = pso_velocity(self.x, self.v, self.pbest, self.best_position[None], r1, r2,
+                         c.inertia, c.cognitive, c.social)
+        if c.velocity_clamp is not None:
+            v = clamp_velocity(v, c.velocity_clamp)
+        x = self.x + v
+        if c.bounds is not None:
+            x = project_bounds(x, *c.bounds)
+        return x, v
+
+    def done(self) -> bool:
+        return self.step > self.config.steps
 
 
 @dataclass(frozen=True)
@@ -155,7 +168,7 @@ class ModelSwarmsConfig:
     seed: int = 0
 
 
-class ModelSwarms(Optimizer):
+class ModelSwarms(_Swarm):
     """Model Swarms (Feng et al., 2024) in coefficient space.
 
     v <- (phi_v r_v v + phi_p r_p (pbest - x) + phi_g r_g (gbest - x) - phi_w r_w (gworst - x)) / sum(phi)
@@ -166,42 +179,32 @@ class ModelSwarms(Optimizer):
     name = "model_swarms"
 
     def __init__(self, k: int, groups: int, config: ModelSwarmsConfig = ModelSwarmsConfig()):
-        super().__init__(k, groups, config.seed)
         self.config = config
-        self.x = initial_positions(k, groups, config.extra_particles, self.rng)
+        super().__init__(k, groups, config.seed, config.extra_particles)
         n = len(self.x)
         phi = self.rng.random((n, 4))
         self.phi = phi / phi.sum(axis=1, keepdims=True)
-        self.v = np.zeros_like(self.x)
-        self.pbest = self.x.copy()
-        self.pbest_fitness = np.full(n, -np.inf)
         self.stale = np.zeros(n, dtype=np.int64)
         self.fitness = np.full(n, -np.inf)
         self.lam = config.step_length
         self.global_stale = 0
 
-    def ask(self) -> list[np.ndarray]:
-        if self.step > 0:
-            n = len(self.x)
-            r = self.rng.random((4, n, self.groups, 1))
-            worst = self.x[int(np.argmin(self.fitness))][None]
-            phi = [self.phi[:, i].reshape(n, 1, 1) for i in range(4)]
-            v = (phi[0] * r[0] * self.v + phi[1] * r[1] * (self.pbest - self.x)
-                 + phi[2] * r[2] * (self.best_position[None] - self.x) - phi[3] * r[3] * (worst - self.x))
-            x = self.x + self.lam * v
-            restart = self.stale >= self.config.patience
-            x[restart], v[restart] = self.pbest[restart], 0.0
-            self.stale[restart] = 0
-            self._pending = (x, v)
-        else:
-            self._pending = (self.x, self.v)
-        return list(self._pending[0])
+    def _move(self):
+        n = len(self.x)
+        r = self.rng.random((4, n, self.groups, 1))
+        worst = self.x[int(np.argmin(self.fitness))][None]
+        phi = [self.phi[:, i].reshape(n, 1, 1) for i in range(4)]
+        v = (phi[0] * r[0] * self.v + phi[1] * r[1] * (self.pbest - self.x)
+             + phi[2] * r[2] * (self.best_position[None] - self.x) - phi[3] * r[3] * (worst - self.x))
+        x = self.x + self.lam * v
+        restart = self.stale >= self.config.patience
+        x[restart], v[restart] = self.pbest[restart], 0.0
+        self.stale[restart] = 0
+        return x, v
 
     def _tell(self, positions, fitness):
-        self.x, self.v = self._pending
+        better = super()._tell(positions, fitness)
         self.fitness = fitness
-        better = fitness > self.pbest_fitness
-        self.pbest[better], self.pbest_fitness[better] = self.x[better], fitness[better]
         self.stale = np.where(better, 0, self.stale + 1)
         prev = self.history[-1]["best"] if self.history else -np.inf
         self.global_stale = 0 if self.best_fitness > prev else self.global_stale + 1
@@ -212,15 +215,12 @@ class ModelSwarms(Optimizer):
         return self.step > self.config.steps or self.global_stale >= self.config.early_stop
 
     def _extra_state(self):
-        return {"x": _arr(self.x), "v": _arr(self.v), "pbest": _arr(self.pbest), "phi": _arr(self.phi),
-                "pbest_fitness": _arr(self.pbest_fitness), "fitness": _arr(self.fitness),
-                "stale": self.stale.tolist(), "lam": self.lam, "global_stale": self.global_stale,
-                "config": asdict(self.config)}
+        return {**super()._extra_state(), "phi": _arr(self.phi), "fitness": _arr(self.fitness),
+                "stale": self.stale.tolist(), "lam": self.lam, "global_stale": self.global_stale}
 
     def _load_extra(self, state):
-        self.x, self.v, self.pbest = _unarr(state["x"]), _unarr(state["v"]), _unarr(state["pbest"])
+        super()._load_extra(state)
         self.phi, self.fitness = _unarr(state["phi"]), _unarr(state["fitness"])
-        self.pbest_fitness = _unarr(state["pbest_fitness"])
         self.stale = np.asarray(state["stale"], dtype=np.int64)
         self.lam, self.global_stale = state["lam"], state["global_stale"]
 
