@@ -210,20 +210,18 @@ def run(
 
 
 def _print_summary(summary: dict) -> None:
-    from rich.table import Table
+    from psomerge.evaluation import EvalResult
+    from psomerge.report import score_table
 
     out = Console(width=max(console.width, 110))
-    rows = summary["heldout"]
-    tasks = [k for k in next(iter(rows.values())) if k != "weighted_mean"]
-    table = Table(title="held-out scores (never read by the search)", title_justify="left")
-    for col in ("model", *tasks, "weighted mean"):
-        table.add_column(col, justify="right" if col != "model" else "left")
-    for label, scores in rows.items():
-        table.add_row(label, *[f"{scores[t]:.3f}" for t in tasks], f"{scores['weighted_mean']:.3f}")
-    out.print(table)
+    rows = [(label, EvalResult({k: v for k, v in scores.items() if k != "weighted_mean"}, scores["weighted_mean"], 0))
+            for label, scores in summary["heldout"].items()]
+    out.print(score_table("held-out scores (never read by the search)", rows))
     c, p = summary["counts"], summary["promotion"]
     out.print(f"fitness calls {c['fitness_calls']}, scorings {c['scorings']}, cache hits {c['cache_hits']} "
-              f"(Prefect-cached {c['prefect_cache_hits']})")
+              f"(Prefect-cached {c['prefect_cache_hits']}), generated tokens {c['generated_tokens']}; judge calls "
+              f"{c['judge_calls']}, judge cache hits {c['judge_cache_hits']}, judge tokens {c['judge_tokens']}, "
+              f"judge cost {c['judge_cost']:.4f}")
     out.print(f"MLflow run {summary['run_id']}; registered version {summary['version']}; "
               f"champion {'moved' if p['promoted'] else 'kept'}: {p['reason']}")
 

@@ -10,21 +10,19 @@ from psomerge.evalsuite import EvalSuite
 from psomerge.evaluation import EvalResult
 
 
-def score_table(title: str, rows: Sequence[tuple[str, EvalResult]], suites: Sequence[EvalSuite]) -> Table:
+def score_table(title: str, rows: Sequence[tuple[str, EvalResult]], suites: Sequence[EvalSuite] | None = None) -> Table:
+    """Rows of per-suite scores and the weighted mean; the best score of each column in green.
+    Column headers carry the suite weights when ``suites`` are given."""
+    names = [s.name for s in suites] if suites else list(rows[0][1].scores)
+    headers = [f"{s.name} (w={s.weight:g})" for s in suites] if suites else names
     table = Table(title=title, title_justify="left")
     table.add_column("model", style="bold")
-    for s in suites:
-        table.add_column(f"{s.name} (w={s.weight:g})", justify="right")
+    for h in headers:
+        table.add_column(h, justify="right")
     table.add_column("weighted mean", justify="right", style="bold")
-    best = {s.name: max(r.scores[s.name] for _, r in rows) for s in suites}
+    best = {n: max(r.scores[n] for _, r in rows) for n in names}
     for label, result in rows:
-        cells = []
-        for s in suites:
-            v = result.scores[s.name]
-            cells.append(f"[green]{v:.3f}[/green]" if v == best[s.name] else f"{v:.3f}")
+        cells = [f"[green]{result.scores[n]:.3f}[/green]" if result.scores[n] == best[n] else f"{result.scores[n]:.3f}"
+                 for n in names]
         table.add_row(label, *cells, f"{result.fitness:.3f}")
     return table
-
-
-def rows_as_records(rows: Sequence[tuple[str, EvalResult]]) -> list[dict]:
-    return [{"model": label, **r.scores, "weighted_mean": r.fitness} for label, r in rows]

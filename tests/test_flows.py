@@ -248,3 +248,22 @@ def test_deployment_carries_the_cron_schedule(tmp_path, char_family):
     assert deployment.name == "nightly"
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
     assert deployment.parameters == {"config_path": str(cfg)}
+
+
+def test_flow_with_llm_judge_reports_judge_usage(tmp_path, home, char_family):
+    from chat_server import ChatServer
+    from psomerge.flows.pso import pso_merge
+
+    path = write_config(tmp_path / "run.yaml", char_family, "judged", steps=1, baselines=())
+    cfg = yaml.safe_load(path.read_text())
+    with ChatServer() as server:
+        cfg["suites"][0]["judge"] = {"type": "llm", "model": "judge", "base_url": server.url, "scale": [1, 10],
+                                     "price_per_mtok_prompt": 1.0}
+        path.write_text(yaml.safe_dump(cfg))
+        first = pso_merge(str(path))["counts"]
+        assert first["judge_calls"] == len(server.requests) > 0
+        assert first["judge_tokens"] == 13 * first["judge_calls"]  # the server reports 10 + 3 tokens a call
+        assert first["judge_cost"] == pytest.approx(10 * first["judge_calls"] / 1e6)
+        assert first["judge_cache_hits"] >= 0 and "generated_tokens" in first
+        again = pso_merge(str(path))["counts"]
+        assert again["judge_calls"] == 0 and again["scorings"] == 0

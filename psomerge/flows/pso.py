@@ -56,9 +56,18 @@ class FlowCounts:
     scorings: int = 0
     cache_hits: int = 0
     prefect_cache_hits: int = 0
+    generated_tokens: int = 0
+    judge_calls: int = 0
+    judge_cache_hits: int = 0
+    judge_tokens: int = 0
+    judge_cost: float = 0.0
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
+
+    def add_usage(self, usage: dict[str, float]) -> None:
+        for key, value in usage.items():
+            setattr(self, key, getattr(self, key) + value)
 
 
 def _rows(results: dict[str, dict[str, Any]], split: str) -> list[tuple[str, EvalResult]]:
@@ -99,10 +108,12 @@ def pso_merge(config_path: str, resume: bool = False) -> dict[str, Any]:
                 if f.state.name == "Cached":
                     counts.prefect_cache_hits += 1
                     counts.cache_hits += 1
-                elif r["scored"]:
-                    counts.scorings += 1
                 else:
-                    counts.cache_hits += 1
+                    if r["scored"]:
+                        counts.scorings += 1
+                    else:
+                        counts.cache_hits += 1
+                    counts.add_usage(r["usage"])  # a Prefect cache hit used nothing
                 results.append(CachedFitness(r["fitness"], r["scores"], {}))
             return results
 
@@ -120,12 +131,15 @@ def pso_merge(config_path: str, resume: bool = False) -> dict[str, Any]:
         merged_label = f"psomerge:{cfg.optimizer.type}"
         particles[merged_label] = result.best_position.tolist()
         evaluated = heldout_evaluation(config_json, particles)
+        for row in evaluated.values():
+            counts.add_usage(row["usage"])
         for name in cfg.registry.baselines:
             with mlflow.start_run(run_name=f"baseline:{name}", nested=True):
                 b = static_baseline(config_json, name, str(out / "baselines" / name))
                 mlflow.log_metrics({"heldout_fitness": b["heldout_fitness"],
                                     **{f"heldout_{t}": v for t, v in b["heldout"].items()}})
                 evaluated[name] = b
+                counts.add_usage(b["usage"])
         order = [lbl for lbl in evaluated if lbl != merged_label] + [merged_label]
         evaluated = {lbl: evaluated[lbl] for lbl in order}
 

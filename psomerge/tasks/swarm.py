@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from psomerge.io import Checkpoint, check_compatible
 from psomerge.swarm.cache import particle_key
 
 _WORKSPACES: dict[str, Workspace] = {}
+USAGE_KEYS = ("generated_tokens", "judge_calls", "judge_cache_hits", "judge_tokens", "judge_cost")
 _LOCK = threading.Lock()
 
 
@@ -29,6 +31,16 @@ def workspace(config_json: str) -> Workspace:
         if key not in _WORKSPACES:
             _WORKSPACES[key] = Workspace(RunConfig.model_validate_json(config_json))
         return _WORKSPACES[key]
+
+
+@contextmanager
+def measured_usage(ws: Workspace):
+    """Generation and judge usage of the block (exact with one scoring thread per worker)."""
+    usage: dict[str, float] = {}
+    before = ws.counts()
+    yield usage
+    after = ws.counts()
+    usage.update({k: after[k] - before[k] for k in USAGE_KEYS})
 
 
 def _particle_cache_key(context, parameters: dict[str, Any]) -> str:
@@ -72,10 +84,11 @@ def prepare_basis(config_json: str) -> dict[str, Any]:
 def score_particle(config_json: str, coeffs: list[list[float]], basis_fingerprint: str,
                    eval_fingerprint: str) -> dict[str, Any]:
     ws = workspace(config_json)
-    before = ws.evaluator.counts.scorings
-    result = ws.evaluator(np.asarray(coeffs))
-    return {"fitness": result.fitness, "scores": result.scores, "scored": ws.evaluator.counts.scorings > before,
-            "tokens": sum(r.generator.stats.new_tokens for r in ws.evaluator.residents)}
+    with measured_usage(ws) as usage:
+        scorings = ws.evaluator.counts.scorings
+        result = ws.evaluator(np.asarray(coeffs))
+        scored = ws.evaluator.counts.scorings > scorings
+    return {"fitness": result.fitness, "scores": result.scores, "scored": scored, "usage": usage}
 
 
 @task(name="heldout-evaluation", cache_policy=NO_CACHE)
@@ -84,10 +97,11 @@ def heldout_evaluation(config_json: str, particles: dict[str, list[list[float]]]
     ws = workspace(config_json)
     out = {}
     for label, coeffs in particles.items():
-        held = ws.heldout(np.asarray(coeffs))
-        opt = ws.evaluator(np.asarray(coeffs))
+        with measured_usage(ws) as usage:
+            held = ws.heldout(np.asarray(coeffs))
+            opt = ws.evaluator(np.asarray(coeffs))
         out[label] = {"heldout": held.scores, "heldout_fitness": held.fitness,
-                      "optimisation": opt.scores, "optimisation_fitness": opt.fitness}
+                      "optimisation": opt.scores, "optimisation_fitness": opt.fitness, "usage": usage}
     return out
 
 
@@ -107,7 +121,8 @@ def static_baseline(config_json: str, name: str, out_dir: str) -> dict[str, Any]
     out = Path(out_dir)
     if not (out / "config.json").exists():
         run_merge(baseline_recipe(name, cfg.base, list(cfg.experts), cfg.basis.seed), out)
-    held = ws.evaluate_folder(out, "heldout")
-    opt = ws.evaluate_folder(out, "optimisation")
+    with measured_usage(ws) as usage:
+        held = ws.evaluate_folder(out, "heldout")
+        opt = ws.evaluate_folder(out, "optimisation")
     return {"heldout": held.scores, "heldout_fitness": held.fitness, "optimisation": opt.scores,
-            "optimisation_fitness": opt.fitness, "path": str(out)}
+            "optimisation_fitness": opt.fitness, "path": str(out), "usage": usage}
