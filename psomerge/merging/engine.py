@@ -65,7 +65,7 @@ def run_merge(
             if base is not None:
                 check_finite(ref_tensor, base.name, name)
             params = [recipe.model_params(i, name) for i, _ in merged]
-            gens = [generator(recipe.seed, m.model, name) for _, m in merged]
+            gens = [generator(recipe.seed, i, name) for i, _ in merged]  # by position: paths may move
             result = method.merge(
                 ref_tensor if base is not None else None, tensors, params, recipe.options(name), gens
             )
