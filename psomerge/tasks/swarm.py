@@ -20,6 +20,7 @@ from psomerge.io import Checkpoint, check_compatible
 from psomerge.swarm.cache import particle_key
 
 _WORKSPACES: dict[str, Workspace] = {}
+MERGE_CODE_VERSION = "2"  # bump when static merge outputs change for the same recipe
 USAGE_KEYS = ("generated_tokens", "judge_calls", "judge_cache_hits", "judge_tokens", "judge_cost")
 _LOCK = threading.Lock()
 
@@ -118,9 +119,12 @@ def static_baseline(config_json: str, name: str, out_dir: str) -> dict[str, Any]
 
     ws = workspace(config_json)
     cfg = ws.config
-    out = Path(out_dir)
+    recipe = baseline_recipe(name, cfg.base, list(cfg.experts), cfg.basis.seed)
+    # the folder is named by the recipe and the merge code's version: a stale merge is never reused
+    tag = hashlib.blake2b((recipe.model_dump_json() + MERGE_CODE_VERSION).encode(), digest_size=6).hexdigest()
+    out = Path(out_dir) / tag
     if not (out / "config.json").exists():
-        run_merge(baseline_recipe(name, cfg.base, list(cfg.experts), cfg.basis.seed), out)
+        run_merge(recipe, out)
     with measured_usage(ws) as usage:
         held = ws.evaluate_folder(out, "heldout")
         opt = ws.evaluate_folder(out, "optimisation")
