@@ -6,9 +6,9 @@ In one command, each in its own process with its own fresh data directory (cold 
            the promotion gate), timed after the temporary Prefect server is up and the MLflow
            store exists; those one-time costs are reported apart
   rerun:   the flow again on the same data directory (warm fitness and Prefect caches)
-PSO with 5 steps over K = 7 (42 particles), no static baselines.
+PSO over K = 7 (7 particles a step), no static baselines.
 
-Usage: .venv/bin/python benchmarks/orchestration.py
+Usage: .venv/bin/python benchmarks/orchestration.py [--steps 5]
 """
 
 from __future__ import annotations
@@ -68,12 +68,17 @@ def child(mode: str, config: Path, home: Path, runs: int = 1) -> dict:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=5)
+    steps = ap.parse_args().steps
     from psomerge.demo.build import build_demo
     from psomerge.demo.run import demo_run_config
     from psomerge.paths import data_dir
 
     assets = build_demo(data_dir())
-    cfg = json.loads(demo_run_config(assets, "pso", 5, name="bench", baselines=[]).model_dump_json())
+    cfg = json.loads(demo_run_config(assets, "pso", steps, name="bench", baselines=[]).model_dump_json())
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         path = tmp / "bench.yaml"
@@ -81,7 +86,8 @@ def main() -> None:
         lib = child("library", path, tmp / "lib-home")
         flow = child("flow", path, tmp / "flow-home", runs=2)
     overhead = flow["run0"] / lib["seconds"] - 1
-    print(f"PSO-Merging on the demo experts, 42 particles, cold caches ({lib['scorings']} scorings)")
+    print(f"PSO-Merging on the demo experts, {steps} steps, {7 * (steps + 1)} particles, cold caches "
+          f"({lib['scorings']} scorings)")
     print(f"  library run_swarm            : {lib['seconds']:6.1f} s")
     print(f"  Prefect flow pso_merge       : {flow['run0']:6.1f} s  ({overhead:+.1%} vs library; "
           f"{flow['scorings0']} scorings)")

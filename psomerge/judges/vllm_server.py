@@ -42,6 +42,7 @@ class VLLMServer:
     port: int | None = None
     dtype: str = "bfloat16"
     max_model_len: int = 2048
+    memory_fraction: float = 0.2  # --gpu-memory-utilization: on the CPU backend, the share of RAM reserved
     startup_timeout: float = 600.0
     extra_args: list[str] = field(default_factory=list)
     chat_template: str | None = None  # a file; a plain template is used when the model has none
@@ -64,6 +65,7 @@ class VLLMServer:
         cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_path,
                "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
                "--dtype", self.dtype, "--max-model-len", str(self.max_model_len), "--enforce-eager",
+               "--gpu-memory-utilization", str(self.memory_fraction),
                *(["--chat-template", template] if template else []), *self.extra_args]
         env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
         self._log = tempfile.NamedTemporaryFile(prefix="vllm-", suffix=".log", delete=False)
