@@ -26,12 +26,13 @@ from psomerge.swarm import (
     CMAES, CMAESConfig, FitnessCache, ModelSwarms, ModelSwarmsConfig, Optimizer, PSOConfig, PSOMerging, BasisSpec,
     build_basis, run_optimizer,
 )
-from psomerge.swarm.basis import Basis
+from psomerge.swarm.basis import Basis, member_coefficients
 from psomerge.swarm.fitness import ParticleEvaluator, Resident
 from psomerge.swarm.cache import CachedFitness, particle_key
 from psomerge.swarm.run import StepReport, load_checkpoint
 
 log = logging.getLogger(__name__)
+COEFFICIENTS_FILE = "psomerge_coefficients.json"  # beside a merged model: basis, groups, coefficients
 
 
 def load_suites(configs: list[SuiteConfig], source: str = "<config>") -> list[EvalSuite]:
@@ -88,11 +89,12 @@ class SwarmRun:
 
 
 class Workspace:
-    """What a worker needs to score particles: the basis, suites and caches (shared), and one
-    resident model with its generator per scoring thread (built on first use)."""
+    """What a worker needs to score particles: the basis, suites and caches, and a pool of
+    resident models with their generators (one per particle scored at the same time)."""
 
     def __init__(self, config: RunConfig):
         self.config = config
+        self._previous_tokens = 0  # generated before a resume
         cache_root = data_dir() / "cache"
         b = config.basis
         self.basis = build_basis(config.base, config.experts, cache_root / "basis",
@@ -112,7 +114,6 @@ class Workspace:
                                           batch_size=g.batch_size, max_new_tokens=g.max_new_tokens, stop=g.stop)
         return Resident(model, generator)
 
-
     def counts(self) -> dict[str, float]:
         c = self.evaluator.counts
         tokens = sum(r.generator.stats.new_tokens for r in self.evaluator.residents) + self._previous_tokens
@@ -127,8 +128,6 @@ class Workspace:
                 out["judge_tokens"] += stats.prompt_tokens + stats.completion_tokens
                 out["judge_cost"] += stats.cost
         return out
-
-    _previous_tokens = 0  # generated before a resume
 
     def _cached(self, key: str, compute) -> EvalResult:
         """Final evaluations are cached like fitness (a rerun recomputes nothing)."""
@@ -185,7 +184,7 @@ class Workspace:
                 self.basis.combine_into(out, name, coeffs[self.basis.group_of[name]].tolist())
                 writer.write(name, out.to(ref.info(name).dtype))
         copy_model_files(ref.path, out_dir, ref.dtype)
-        (out_dir / "psomerge_coefficients.json").write_text(json.dumps({
+        (out_dir / COEFFICIENTS_FILE).write_text(json.dumps({
             "basis": self.basis.labels, "groups": self.basis.group_labels, "coefficients": coeffs.tolist(),
             "basis_fingerprint": self.basis.fingerprint}, indent=2))
         return out_dir
@@ -199,8 +198,17 @@ def run_swarm(
     evaluate_heldout: bool = True,
     workspace: Workspace | None = None,
 ) -> SwarmRun:
+    own = workspace is None
     ws = workspace or Workspace(config)
-    out = config.output_dir or data_dir() / "runs" / config.name
+    try:
+        return _run_swarm(ws, config, resume, on_step, evaluate_heldout)
+    finally:
+        if own:
+            ws.close()
+
+
+def _run_swarm(ws: Workspace, config: RunConfig, resume: bool, on_step, evaluate_heldout: bool) -> SwarmRun:
+    out = config.run_dir()
     out.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(config.optimizer, ws.basis.k, ws.basis.num_groups)
     checkpoint = out / "checkpoint.json"
@@ -216,7 +224,7 @@ def run_swarm(
                    result.history, ws.counts(), ws.suites, output_dir=out)
     if evaluate_heldout:
         for j, label in enumerate(ws.basis.labels[: 1 + len(config.experts)]):
-            run.heldout.append((label, ws.heldout(np.eye(ws.basis.k)[j][None].repeat(ws.basis.num_groups, 0))))
+            run.heldout.append((label, ws.heldout(member_coefficients(ws.basis.k, ws.basis.num_groups, j))))
         run.heldout.append((f"psomerge:{config.optimizer.type}", ws.heldout(result.best_position)))
         ws.write_model(result.best_position, out / "model")
     return run

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from psomerge.errors import ConfigError
+from psomerge.paths import data_dir
 from psomerge.yamlconfig import read_yaml, validate
 
 
@@ -94,6 +95,10 @@ class RunConfig(_Strict):
     output_dir: Path | None = None  # default: <data dir>/runs/<name>
     cache_path: Path | None = None  # default: <data dir>/cache/fitness.sqlite
     source: str = Field("<config>", exclude=True)
+
+    def run_dir(self) -> Path:
+        """Where the run's checkpoint, merged model and baselines go."""
+        return self.output_dir or data_dir() / "runs" / self.name
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":

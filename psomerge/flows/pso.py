@@ -7,6 +7,7 @@ the global best, base, experts and static baselines -> register in MLflow -> pro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -18,11 +19,11 @@ import numpy as np
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from psomerge.api import make_optimizer
+from psomerge.api import COEFFICIENTS_FILE, make_optimizer
 from psomerge.config import RunConfig, RunnerConfig
 from psomerge.evaluation import EvalResult
-from psomerge.paths import data_dir
 from psomerge.registry import tracking
+from psomerge.swarm.basis import member_coefficients
 from psomerge.swarm.cache import CachedFitness
 from psomerge.swarm.run import StepReport, load_checkpoint, run_optimizer
 from psomerge.tasks.swarm import (
@@ -78,7 +79,7 @@ def _rows(results: dict[str, dict[str, Any]], split: str) -> list[tuple[str, Eva
 def pso_merge(config_path: str, resume: bool = False) -> dict[str, Any]:
     cfg = RunConfig.load(config_path)
     config_json = cfg.model_dump_json()
-    out = cfg.output_dir or data_dir() / "runs" / cfg.name
+    out = cfg.run_dir()
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.json"
 
@@ -126,7 +127,7 @@ def pso_merge(config_path: str, resume: bool = False) -> dict[str, Any]:
 
         # held-out evaluation: base, experts, the merge, then the static baselines
         k, g = basis["k"], basis["groups"]
-        particles = {label: np.eye(k)[j][None].repeat(g, 0).tolist()
+        particles = {label: member_coefficients(k, g, j).tolist()
                      for j, label in enumerate(basis["labels"][: 1 + len(cfg.experts)])}
         merged_label = f"psomerge:{cfg.optimizer.type}"
         particles[merged_label] = result.best_position.tolist()
@@ -148,9 +149,7 @@ def pso_merge(config_path: str, resume: bool = False) -> dict[str, Any]:
         tracking.log_score_table(_rows(evaluated, "optimisation"), "optimisation", "tables/optimisation.json")
         tracking.log_plots(result.history, result.best_position, basis["labels"], basis["group_labels"])
         mlflow.log_artifact(str(checkpoint), artifact_path="swarm")
-        (out / "coefficients.json").write_text(json.dumps(
-            {"basis": basis["labels"], "groups": basis["group_labels"], "coefficients": result.best_position.tolist()}))
-        mlflow.log_artifact(str(out / "coefficients.json"), artifact_path="swarm")
+        mlflow.log_artifact(str(Path(model_dir) / COEFFICIENTS_FILE), artifact_path="swarm")
         heldout_score = evaluated[merged_label]["heldout_fitness"]
         mlflow.log_metrics({"heldout_fitness": heldout_score, **{f"heldout_{t}": v for t, v in
                                                                evaluated[merged_label]["heldout"].items()},
@@ -173,6 +172,4 @@ def run_pso_flow(config_path: str | Path, resume: bool = False) -> dict[str, Any
 
 
 def _config_hash(config_json: str) -> str:
-    import hashlib
-
     return hashlib.blake2b(config_json.encode(), digest_size=12).hexdigest()

@@ -6,6 +6,7 @@ vLLM's pins clash with Prefect's (FastAPI), so it lives in a separate virtual en
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -71,6 +72,7 @@ class VLLMServer:
         self._log = tempfile.NamedTemporaryFile(prefix="vllm-", suffix=".log", delete=False)
         log.info("starting vLLM on %s (log %s)", self.url, self._log.name)
         self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        atexit.register(self.stop)  # its own session: it would outlive this process otherwise
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -167,6 +167,13 @@ class Basis:
             self.combine_into(param.data, name, coeffs[self.group_of[name]].tolist())
 
 
+def member_coefficients(k: int, groups: int, j: int) -> np.ndarray:
+    """The (G, K) particle that is basis member j itself (one-hot in every group)."""
+    coeffs = np.zeros((groups, k))
+    coeffs[:, j] = 1.0
+    return coeffs
+
+
 def _sparse_delta(member: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (int32 where they fit) and values of member - base where it is non-zero."""
     delta = (member - base).reshape(-1)

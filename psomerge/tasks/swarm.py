@@ -17,6 +17,7 @@ from psomerge.api import Workspace
 from psomerge.config import RunConfig
 from psomerge.errors import PsomergeError
 from psomerge.io import Checkpoint, check_compatible
+from psomerge.judges.llm import JudgeError
 from psomerge.swarm.cache import particle_key
 
 _WORKSPACES: dict[str, Workspace] = {}
@@ -54,8 +55,10 @@ def _transient(task, task_run, state) -> bool:
     """Retry judge and transport failures; a bad config or model fails at once."""
     try:
         state.result()
-    except PsomergeError as exc:
-        return type(exc).__name__ == "JudgeError"
+    except JudgeError:
+        return True
+    except PsomergeError:
+        return False
     except Exception:  # noqa: BLE001 - network, timeouts, worker loss
         return True
     return False
