@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from psomerge.errors import ConfigError
 from psomerge.config import OptimizerConfig, RunConfig, SuiteConfig
 from psomerge.evalsuite import EvalSuite
 from psomerge.evaluation import EvalResult, evaluate
 from psomerge.io import Checkpoint, StreamingSafetensorsWriter, check_compatible, copy_model_files
 from psomerge.judges.registry import make_scorer
-from psomerge.judges.generation import TransformersGenerator, generation_config
+from psomerge.judges.generation import TransformersGenerator
 from psomerge.paths import data_dir
 from psomerge.swarm import (
     CMAES, CMAESConfig, FitnessCache, ModelSwarms, ModelSwarmsConfig, Optimizer, PSOConfig, PSOMerging, BasisSpec,
@@ -95,21 +96,36 @@ class Workspace:
     def __init__(self, config: RunConfig):
         self.config = config
         self._previous_tokens = 0  # generated before a resume
+        if config.generation.backend == "vllm":  # fail before the basis is built, not at the first particle
+            from psomerge.judges.vllm_server import vllm_python
+
+            try:
+                vllm_python(config.generation.vllm.python)
+            except ConfigError as exc:
+                raise ConfigError(f"{config.source}: generation.vllm.python: {exc}") from None
         cache_root = data_dir() / "cache"
         b = config.basis
         self.basis = build_basis(config.base, config.experts, cache_root / "basis",
                                  BasisSpec(b.drop_rate, b.seed, b.granularity), storage=b.storage)
         self.suites = load_suites(config.suites, config.source)
         self.cache = FitnessCache(config.cache_path or cache_root / "fitness.sqlite")
-        g = config.generation
         self.evaluator = ParticleEvaluator(self.basis, self.suites, self.cache, self._new_resident,
-                                           generation_config(g.max_new_tokens, g.stop))
+                                           config.generation.cache_config())
 
     def _new_resident(self) -> Resident:
+        g = self.config.generation
+        if g.backend == "vllm":  # an engine in its own process; particles go in through a shared file
+            from psomerge.judges.vllm_generation import VLLMGenerator
+
+            v = g.vllm
+            generator = VLLMGenerator(self.config.base, max_new_tokens=g.max_new_tokens, stop=g.stop,
+                                      python=v.python, dtype=v.dtype, memory_fraction=v.memory_fraction,
+                                      max_model_len=v.max_model_len, enforce_eager=v.enforce_eager,
+                                      engine_args=v.engine_args, startup_timeout=v.startup_timeout)
+            return Resident(generator.weights, generator)
         model = AutoModelForCausalLM.from_pretrained(self.config.base, dtype=torch.float32)
         if self.config.basis.storage == "cuda":
             model.to("cuda")
-        g = self.config.generation
         generator = TransformersGenerator(model, AutoTokenizer.from_pretrained(self.config.base),
                                           batch_size=g.batch_size, max_new_tokens=g.max_new_tokens, stop=g.stop)
         return Resident(model, generator)
@@ -142,7 +158,7 @@ class Workspace:
         """Held-out scores of a particle: only the final evaluation calls this."""
         def compute() -> EvalResult:
             with self.evaluator.resident() as r:
-                self.basis.materialise(coeffs, r.model)
+                r.load_particle(self.basis, coeffs)
                 return evaluate(r.generator, self.suites, "heldout")
 
         key = particle_key(self.basis.fingerprint, coeffs, self.evaluator.fingerprint + ":heldout")
@@ -156,10 +172,7 @@ class Workspace:
 
         def compute() -> EvalResult:
             with self.evaluator.resident() as r, ckpt:
-                params = dict(r.model.named_parameters(remove_duplicate=False))
-                for name in self.basis.names:
-                    if name in params:
-                        params[name].data.copy_(ckpt.get(name))
+                r.load_tensors((name, ckpt.get(name)) for name in self.basis.names)
                 return evaluate(r.generator, self.suites, split)  # type: ignore[arg-type]
 
         key = f"folder:{ckpt.fingerprint()}:{self.evaluator.fingerprint}:{split}"
@@ -170,6 +183,10 @@ class Workspace:
             close = getattr(suite.scorer, "close", None)
             if close:
                 close()
+        for resident in self.evaluator.residents:  # and generation engines
+            resident.close()
+        self.evaluator.residents.clear()
+        self.evaluator._free.clear()
 
     def write_model(self, coeffs: np.ndarray, out_dir: Path) -> Path:
         """Stream the particle to sharded safetensors with the base's config and tokenizer."""

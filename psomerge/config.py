@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from psomerge.errors import ConfigError
+from psomerge.judges.generation import generation_config
 from psomerge.paths import data_dir
 from psomerge.yamlconfig import read_yaml, validate
 
@@ -37,11 +38,30 @@ class BasisConfig(_Strict):
     storage: Literal["ram", "compact", "mmap", "cuda"] = "ram"
 
 
+class VLLMEngineConfig(_Strict):
+    """The vLLM generation backend's engine (one per resident, kept alive across particles)."""
+
+    python: str | None = None  # the vLLM environment; default $PSOMERGE_VLLM_PYTHON or .venv-vllm/bin/python
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    memory_fraction: float = Field(0.2, gt=0, le=1)  # gpu_memory_utilization (CPU backend: share of RAM)
+    max_model_len: int | None = Field(None, gt=0)
+    enforce_eager: bool = True
+    startup_timeout: float = Field(900.0, gt=0)
+    engine_args: dict[str, Any] = {}  # passed to vllm.LLM(...) as they are
+
+
 class GenerationConfig(_Strict):
-    backend: Literal["transformers"] = "transformers"
+    backend: Literal["transformers", "vllm"] = "transformers"
     max_new_tokens: int = 16
-    batch_size: int = 64
+    batch_size: int = 64  # transformers backend; vLLM schedules its own batches
     stop: list[str] = ["\n"]
+    vllm: VLLMEngineConfig = VLLMEngineConfig()
+
+    def cache_config(self) -> dict:
+        """What changes answers: part of every fitness cache key."""
+        if self.backend == "vllm":
+            return generation_config(self.max_new_tokens, self.stop, backend="vllm", dtype=self.vllm.dtype)
+        return generation_config(self.max_new_tokens, self.stop)
 
 
 class OptimizerConfig(_Strict):

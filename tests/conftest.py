@@ -31,12 +31,11 @@ def family(tmp_path_factory):
     return make_family(root, n_experts=3, config=llama_config(), noise=0.02)
 
 
-@pytest.fixture(scope="session")
-def char_family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("charfam")
+def make_char_family(root, hidden: int = 32, heads: int = 2):
+    """A random char-level base, two perturbed experts, and two exact-match datasets."""
     tok = char_tokenizer(ALPHABET)
     torch.manual_seed(0)
-    base = LlamaForCausalLM(tiny_llama_config(len(tok), hidden=32, layers=2, heads=2))
+    base = LlamaForCausalLM(tiny_llama_config(len(tok), hidden=hidden, layers=2, heads=heads))
     base.save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     experts = []
@@ -57,5 +56,10 @@ def char_family(tmp_path_factory):
                 f.write(json.dumps({"id": j, "question": q, "answer": a}) + "\n")
         data[task.name] = path
     return root, experts, data
+
+
+@pytest.fixture(scope="session")
+def char_family(tmp_path_factory):
+    return make_char_family(tmp_path_factory.mktemp("charfam"))
 
 

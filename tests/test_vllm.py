@@ -40,3 +40,80 @@ def test_llm_judge_through_vllm_server(tmp_path):
     finally:
         judge.close()
     assert server._proc is None
+
+
+def _config(root, experts, data, tmp_path, backend: str, **generation):
+    from psomerge.config import RunConfig
+
+    return RunConfig.from_dict({
+        "name": f"vllm-{backend}", "base": str(root / "base"), "experts": [str(e) for e in experts],
+        "suites": [{"name": n, "dataset": str(p), "optimisation_size": 12, "heldout_size": 12,
+                    "judge": {"type": "exact_match", "normalizer": "none"}} for n, p in data.items()],
+        "generation": {"backend": backend, "max_new_tokens": 6, **generation},
+        "optimizer": {"type": "pso", "steps": 1},
+        "output_dir": str(tmp_path / backend), "cache_path": str(tmp_path / "fitness.sqlite"),
+    })
+
+
+@pytest.fixture(scope="module")
+def vllm_family(tmp_path_factory):
+    """The char family with head_dim 32: vLLM's CPU attention has no kernel for 16."""
+    from conftest import make_char_family
+
+    return make_char_family(tmp_path_factory.mktemp("vllmfam"), hidden=64, heads=2)
+
+
+def test_vllm_generation_backend_reloads_particles_into_one_engine(vllm_family, tmp_path, monkeypatch):
+    """Particles pushed into one running engine give the transformers backend's answers."""
+    import os
+    import signal
+
+    import numpy as np
+
+    from psomerge.api import Workspace, run_swarm
+    from psomerge.judges.vllm_generation import VLLMWorkerError
+
+    root, experts, data = vllm_family
+    monkeypatch.setenv("PSOMERGE_HOME", str(tmp_path))
+    monkeypatch.setenv("PSOMERGE_VLLM_PYTHON", str(VLLM_PYTHON))
+    ws_t = Workspace(_config(root, experts, data, tmp_path, "transformers"))
+    cfg_v = _config(root, experts, data, tmp_path, "vllm", vllm={"dtype": "float32"})
+    ws_v = Workspace(cfg_v)
+    try:
+        prompts = [ex.prompt for s in ws_t.suites for ex in s.split("optimisation")]
+        rng = np.random.default_rng(0)
+        particles = [np.eye(ws_v.basis.k)[[j]] for j in range(3)] + [rng.normal(0.3, 0.4, (1, ws_v.basis.k))]
+        with ws_v.evaluator.resident() as rv, ws_t.evaluator.resident() as rt:
+            engine = rv.generator
+            pid = engine._proc.pid
+            for x in particles:
+                rv.load_particle(ws_v.basis, x)
+                rt.load_particle(ws_t.basis, x)
+                assert rv.generator.generate(prompts) == rt.generator.generate(prompts)
+        assert engine._proc.pid == pid and engine.timings.pushes == len(particles)  # never restarted
+        assert engine.timings.start_seconds > engine.timings.push_seconds / len(particles)
+        assert engine.stats.new_tokens > 0
+
+        # a whole run on the vLLM backend, with its own cache entries
+        run = run_swarm(cfg_v, workspace=ws_v)
+        assert run.counts["scorings"] > 0 and run.counts["generated_tokens"] > 0
+        assert [label for label, _ in run.heldout][-1] == "psomerge:pso"
+        assert len(ws_v.evaluator.residents) == 1 and engine.timings.pushes > len(particles)
+
+        # an engine that dies is reported with its log, not hung on
+        os.killpg(engine._proc.pid, signal.SIGKILL)
+        with pytest.raises(VLLMWorkerError, match="exited"):
+            engine.generate(prompts[:2])
+    finally:
+        weights = ws_v.evaluator.residents[0].model.path if ws_v.evaluator.residents else None
+        ws_v.close()
+        ws_t.close()
+    assert weights is None or not weights.exists()  # the shared file is removed with the engine
+
+
+def test_vllm_engine_that_cannot_start_names_the_model(vllm_family, tmp_path):
+    from psomerge.judges.vllm_generation import VLLMGenerator, VLLMWorkerError
+
+    root, _, _ = vllm_family
+    with pytest.raises(VLLMWorkerError, match=r"(?s)failed to start.*max_model_len|failed to start.*max-model-len"):
+        VLLMGenerator(root / "base", python=str(VLLM_PYTHON), max_model_len=10**7, startup_timeout=300)

@@ -1,4 +1,10 @@
-"""Generation backends: batched greedy decoding on one resident model."""
+"""Generation backends: batched greedy decoding on one resident model.
+
+A generator has ``generate(prompts)``, ``stats``, ``config()`` (what changes answers, part
+of cache keys), ``weights_changed()`` (called after a particle was written into its
+weights) and ``close()``. This module holds the transformers backend; the vLLM backend is
+``psomerge.judges.vllm_generation``.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +21,9 @@ class GenerationStats:
     new_tokens: int = 0
 
 
-def generation_config(max_new_tokens: int, stop: Sequence[str]) -> dict:
+def generation_config(max_new_tokens: int, stop: Sequence[str], backend: str = "transformers", **engine) -> dict:
     """Generation settings that change answers: part of cache keys."""
-    return {"backend": "transformers", "max_new_tokens": max_new_tokens, "stop": list(stop), "greedy": True}
+    return {"backend": backend, "max_new_tokens": max_new_tokens, "stop": list(stop), "greedy": True, **engine}
 
 
 class TransformersGenerator:
@@ -48,6 +54,12 @@ class TransformersGenerator:
 
     def config(self) -> dict:
         return generation_config(self.max_new_tokens, self.stop)
+
+    def weights_changed(self) -> None:
+        """Nothing to do: the swarm wrote into this very model's parameters."""
+
+    def close(self) -> None:
+        pass
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str]) -> list[str]:

@@ -29,6 +29,22 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 
+def vllm_python(configured: str | None = None) -> Path:
+    """The vLLM environment's interpreter: as configured, else $PSOMERGE_VLLM_PYTHON, else
+    .venv-vllm/bin/python (what `make vllm-env` builds)."""
+    python = Path(configured or os.environ.get("PSOMERGE_VLLM_PYTHON", ".venv-vllm/bin/python"))
+    if not python.exists():
+        raise ConfigError(f"vLLM environment not found at {python}: run `make vllm-env` first "
+                          "(or set PSOMERGE_VLLM_PYTHON / the config's `python` key)")
+    return python
+
+
+def vllm_env() -> dict[str, str]:
+    """Environment for a vLLM process: offline, no usage reports. The platform (CPU or GPU)
+    is vLLM's own choice from the build installed in its environment."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -39,7 +55,7 @@ def _free_port() -> int:
 class VLLMServer:
     model_path: str
     served_name: str = "judge"
-    python: str = field(default_factory=lambda: os.environ.get("PSOMERGE_VLLM_PYTHON", ".venv-vllm/bin/python"))
+    python: str | None = None  # see vllm_python()
     port: int | None = None
     dtype: str = "bfloat16"
     max_model_len: int = 2048
@@ -54,9 +70,7 @@ class VLLMServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> "VLLMServer":
-        python = Path(self.python)
-        if not python.exists():
-            raise ConfigError(f"vLLM environment not found at {python}: run `make vllm-env` first")
+        python = vllm_python(self.python)
         self.port = self.port or _free_port()
         template = self.chat_template
         if template is None and not _has_chat_template(Path(self.model_path)):
@@ -68,7 +82,7 @@ class VLLMServer:
                "--dtype", self.dtype, "--max-model-len", str(self.max_model_len), "--enforce-eager",
                "--gpu-memory-utilization", str(self.memory_fraction),
                *(["--chat-template", template] if template else []), *self.extra_args]
-        env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+        env = vllm_env()
         self._log = tempfile.NamedTemporaryFile(prefix="vllm-", suffix=".log", delete=False)
         log.info("starting vLLM on %s (log %s)", self.url, self._log.name)
         self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

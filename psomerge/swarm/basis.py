@@ -14,7 +14,7 @@ import logging
 import re
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -154,17 +154,36 @@ class Basis:
                 flat.index_add_(0, index, value, alpha=b)
 
     @torch.no_grad()
-    def materialise(self, coeffs: np.ndarray, model: torch.nn.Module) -> None:
-        """Overwrite ``model``'s weights in place with the particle ``coeffs`` (G x K)."""
+    def materialise(self, coeffs: np.ndarray, target: torch.nn.Module | Mapping[str, torch.Tensor]) -> None:
+        """Overwrite ``target``'s weights in place with the particle ``coeffs`` (G x K).
+
+        ``target`` is a model (its parameters are written) or a mapping name -> tensor (e.g.
+        the shared weight file a vLLM engine reads). The sum is computed in fp32; a
+        lower-precision target receives it rounded once, as a merged checkpoint would be.
+        """
         coeffs = np.asarray(coeffs, dtype=np.float64)
         if coeffs.shape != (self.num_groups, self.k):
             raise ValueError(f"coefficients of shape {coeffs.shape}, basis needs {(self.num_groups, self.k)}")
-        params = dict(model.named_parameters(remove_duplicate=False))
+        tensors = writable_tensors(target)
         for name in self.names:
-            param = params.get(name)
-            if param is None:
+            out = tensors.get(name)
+            if out is None:
                 continue  # e.g. a buffer, or a tied weight the model does not expose
-            self.combine_into(param.data, name, coeffs[self.group_of[name]].tolist())
+            alpha = coeffs[self.group_of[name]].tolist()
+            if out.dtype == torch.float32:
+                self.combine_into(out, name, alpha)
+            else:
+                scratch = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+                self.combine_into(scratch, name, alpha)
+                out.copy_(scratch)
+
+
+def writable_tensors(target: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """Name -> tensor to write into: a model's parameters (tied ones under every name), or
+    the mapping itself."""
+    if isinstance(target, torch.nn.Module):
+        return {n: p.data for n, p in target.named_parameters(remove_duplicate=False)}
+    return target
 
 
 def member_coefficients(k: int, groups: int, j: int) -> np.ndarray:

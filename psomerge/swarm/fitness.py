@@ -12,16 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from psomerge.evalsuite import EvalSuite
 from psomerge.evaluation import evaluate
-from psomerge.swarm.basis import Basis
+from psomerge.swarm.basis import Basis, writable_tensors
 from psomerge.swarm.cache import CachedFitness, FitnessCache, particle_key
 
 
@@ -40,10 +41,29 @@ class FitnessCounts:
 
 @dataclass
 class Resident:
-    """One model in memory that particles are written into, and its generator."""
+    """Weights that particles are written into, and the generator that runs them.
+
+    ``model`` is a torch model (transformers backend: the generator runs it) or a mapping
+    name -> tensor (vLLM backend: a shared file the engine reloads from).
+    """
 
     model: Any
     generator: Any
+
+    def load_particle(self, basis: Basis, coeffs: np.ndarray) -> None:
+        basis.materialise(coeffs, self.model)
+        self.generator.weights_changed()
+
+    def load_tensors(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy named tensors (e.g. of a merged checkpoint) into the weights; others stay."""
+        target = writable_tensors(self.model)
+        for name, value in tensors:
+            if name in target:
+                target[name].copy_(value)
+        self.generator.weights_changed()
+
+    def close(self) -> None:
+        self.generator.close()
 
 
 class ParticleEvaluator:
@@ -84,7 +104,7 @@ class ParticleEvaluator:
         if hit is not None:
             return hit
         with self.resident() as r:
-            self.basis.materialise(coeffs, r.model)
+            r.load_particle(self.basis, coeffs)
             result = evaluate(r.generator, self.suites, "optimisation")
         with self._counts_lock:
             self.counts.scorings += 1

@@ -1,0 +1,214 @@
+"""vLLM generation backend: one engine kept alive across particles, weights pushed in place.
+
+The engine runs in the vLLM environment (its pins clash with Prefect's) as a worker
+process (``vllm_worker.py``). A particle is materialised by the basis straight into a
+shared, memory-mapped safetensors file (``SharedWeights``, in /dev/shm), and the worker
+reloads the running model from that file: no engine restart, no tensor through a pipe.
+
+Exactness: the sum is computed in fp32 as for the transformers backend and rounded once
+to the engine's dtype; with ``dtype: float32`` the engine runs the same weights as the
+transformers resident model. Answers can still differ where kernels round differently
+and two tokens' logits tie closely, which is why the backend is part of the cache key.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from psomerge.errors import PsomergeError
+from psomerge.io import Checkpoint
+from psomerge.io.shared_weights import SharedWeights
+from psomerge.judges.generation import GenerationStats, generation_config
+from psomerge.judges.vllm_server import vllm_env, vllm_python
+
+log = logging.getLogger(__name__)
+WORKER_SCRIPT = Path(__file__).with_name("vllm_worker.py")
+
+
+@dataclass
+class EngineTimings:
+    start_seconds: float = 0.0  # engine start, once
+    pushes: int = 0
+    push_seconds: float = 0.0  # reloading weights into the running engine, all pushes
+    generate_seconds: float = 0.0
+
+
+class VLLMWorkerError(PsomergeError):
+    pass
+
+
+class VLLMGenerator:
+    """Greedy generation by a vLLM engine in its own process, reloaded per particle.
+
+    ``weights`` is what the basis writes a particle into; ``weights_changed()`` pushes it
+    into the engine. The engine starts on construction (seconds to minutes).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        max_new_tokens: int = 16,
+        stop: Sequence[str] = ("\n",),
+        python: str | None = None,
+        dtype: str = "auto",
+        memory_fraction: float = 0.2,
+        max_model_len: int | None = None,
+        enforce_eager: bool = True,
+        seed: int = 0,
+        engine_args: dict[str, Any] | None = None,
+        startup_timeout: float = 900.0,
+        request_timeout: float = 3600.0,
+    ):
+        self.model_path = Path(model_path)
+        self.max_new_tokens = max_new_tokens
+        self.stop = tuple(stop)
+        self.dtype = dtype
+        self.request_timeout = request_timeout
+        self.stats = GenerationStats()
+        self.timings = EngineTimings()
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._proc: subprocess.Popen | None = None
+        self._weights: SharedWeights | None = None
+        # On the CPU backend, --gpu-memory-utilization is the share of RAM reserved (KV cache).
+        kwargs: dict[str, Any] = {"model": str(self.model_path), "dtype": dtype, "enforce_eager": enforce_eager,
+                                  "gpu_memory_utilization": memory_fraction, "seed": seed}
+        if max_model_len is not None:
+            kwargs["max_model_len"] = max_model_len
+        kwargs.update(engine_args or {})
+        self._start(vllm_python(python), kwargs, startup_timeout)
+
+    def config(self) -> dict:
+        return generation_config(self.max_new_tokens, self.stop, backend="vllm", dtype=self.dtype)
+
+    # -- process ---------------------------------------------------------------------------
+
+    def _start(self, python: Path, kwargs: dict, timeout: float) -> None:
+        self._log = tempfile.NamedTemporaryFile(prefix="psomerge-vllm-worker-", suffix=".log", delete=False)
+        log.info("starting a vLLM engine for %s (log %s)", self.model_path, self._log.name)
+        start = time.perf_counter()
+        self._proc = subprocess.Popen(
+            [str(python), str(WORKER_SCRIPT), json.dumps(kwargs)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=vllm_env(),
+            start_new_session=True,  # its own group, so stopping it also stops anything it spawned
+        )
+        atexit.register(self.close)
+        threading.Thread(target=self._read, args=(self._proc.stdout,), daemon=True).start()
+        ready = self._receive(timeout, starting=True)
+        if ready.get("event") != "ready":
+            self.close()
+            raise VLLMWorkerError(f"vLLM engine for {self.model_path} failed to start: {ready.get('error')}"
+                                  f"\n{self._log_tail()}")
+        self.timings.start_seconds = time.perf_counter() - start
+        self.engine_dtype = ready["dtype"]
+        self.device = ready.get("device", "unknown")
+        log.info("vLLM engine ready in %.1fs (%s, %s)", self.timings.start_seconds, self.engine_dtype, self.device)
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self._lines.put(line)
+        self._lines.put(None)  # the worker closed its end: it exited
+
+    def _receive(self, timeout: float, starting: bool = False) -> dict:
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            self.close()
+            what = "start" if starting else "answer"
+            raise VLLMWorkerError(f"vLLM engine for {self.model_path} did not {what} within {timeout:.0f}s"
+                                  f"\n{self._log_tail()}") from None
+        if line is None:
+            code = self._proc.wait() if self._proc else None
+            self._proc = None
+            raise VLLMWorkerError(f"vLLM engine for {self.model_path} exited (code {code})\n{self._log_tail()}")
+        return json.loads(line)
+
+    def _request(self, message: dict) -> dict:
+        if self._proc is None:
+            raise VLLMWorkerError(f"vLLM engine for {self.model_path} is not running")
+        try:
+            self._proc.stdin.write(json.dumps(message) + "\n")
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it died; _receive reports how, with its log
+        reply = self._receive(self.request_timeout)
+        if not reply.get("ok"):
+            raise VLLMWorkerError(f"vLLM engine for {self.model_path}: {message['op']} failed: {reply.get('error')}")
+        return reply
+
+    def _log_tail(self, chars: int = 3000) -> str:
+        try:
+            return f"--- {self._log.name} (last lines) ---\n" + Path(self._log.name).read_text()[-chars:]
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.stdin.write(json.dumps({"op": "stop"}) + "\n")
+                proc.stdin.flush()
+                proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if self._weights is not None:
+            self._weights.close()
+            self._weights = None
+
+    # -- weights and generation ----------------------------------------------------------------
+
+    @property
+    def weights(self) -> SharedWeights:
+        """The shared file a particle is written into: the base's floating tensors, in the
+        engine's dtype, in the checkpoint's own names."""
+        if self._weights is None:
+            ref = Checkpoint(self.model_path)
+            plan = [(n, ref.info(n).shape) for n in ref.tensor_names if ref.info(n).dtype.is_floating_point]
+            ref.close()
+            self._weights = SharedWeights(plan, _TORCH_DTYPES[self.engine_dtype])
+        return self._weights
+
+    def weights_changed(self) -> None:
+        """Reload the running engine from ``weights`` (after a particle was written there)."""
+        reply = self._request({"op": "load", "path": str(self.weights.path)})
+        self.timings.pushes += 1
+        self.timings.push_seconds += reply["seconds"]
+
+    def generate(self, prompts: Sequence[str]) -> list[str]:
+        reply = self._request({"op": "generate", "prompts": list(prompts), "max_tokens": self.max_new_tokens,
+                               "stop": list(self.stop)})
+        self.timings.generate_seconds += reply["seconds"]
+        self.stats.calls += 1
+        self.stats.prompts += len(prompts)
+        self.stats.new_tokens += int(reply["tokens"])
+        return [self._cut(t) for t in reply["texts"]]
+
+    def _cut(self, text: str) -> str:
+        # vLLM stops at the first stop string and drops it; a stop string spanning two
+        # detokenised pieces is cut here as the transformers backend cuts it.
+        for s in self.stop:
+            pos = text.find(s)
+            if pos >= 0:
+                text = text[:pos]
+        return text
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
