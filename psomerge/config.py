@@ -133,4 +133,8 @@ class RunConfig(_Strict):
             raise ConfigError(f"{source}: suites: names must be unique")
         if not cfg.experts:
             raise ConfigError(f"{source}: key 'experts': at least one expert is needed")
+        if cfg.generation.backend == "vllm" and cfg.basis.storage == "cuda":
+            # the particle is summed on the host into the file the engine reloads from
+            raise ConfigError(f"{source}: basis.storage: 'cuda' does not combine with generation.backend "
+                              "'vllm' (the vLLM engine owns the GPU); use ram, compact or mmap")
         return cfg
