@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -85,19 +86,22 @@ def merge(
 @app.command()
 def demo(
     data_dir: Annotated[Optional[Path], typer.Option(help="where demo models and caches live (default $PSOMERGE_HOME or ./.psomerge)")] = None,
-    steps: Annotated[int, typer.Option(help="PSO steps; CMA-ES gets the same number of evaluations")] = 5,
+    preset: Annotated[str, typer.Option(help="tiny: char-level experts built in ~4 min; smollm2: SmolLM2-135M-Instruct "
+                                             "and two experts fine-tuned on real data (~25 min on 2 CPU cores)")] = "tiny",
+    steps: Annotated[Optional[int], typer.Option(help="PSO steps (default 5 tiny, 3 smollm2); CMA-ES gets the same "
+                                                      "number of evaluations")] = None,
     verbose: bool = False,
 ) -> None:
-    """Build the demo experts (cached), then run the static baselines, PSO-Merging and CMA-ES
+    """Build the preset's experts (cached), then run the static baselines, PSO-Merging and CMA-ES
     at equal evaluation budgets through the Prefect flow with MLflow tracking, register the
     merges and promote the champion."""
+    if preset not in ("tiny", "smollm2"):
+        _fail(PsomergeError(f"--preset {preset!r} is not one of tiny, smollm2"))
     if data_dir is not None:
         os.environ["PSOMERGE_HOME"] = str(data_dir.resolve())
     _setup(verbose)
     import yaml
 
-    from psomerge.demo.build import DemoSpec, build_demo
-    from psomerge.demo.run import demo_run_config
     from psomerge.paths import data_dir as default_data_dir
 
     root = default_data_dir()
@@ -113,12 +117,28 @@ def demo(
                     bars[name] = progress.add_task(label, total=total)
                 progress.update(bars[name], completed=step)
 
-            assets = build_demo(root, DemoSpec(), on_build)
+            if preset == "tiny":
+                from psomerge.demo.build import DemoSpec, build_demo
+                from psomerge.demo.run import demo_run_config
+
+                assets = build_demo(root, DemoSpec(), on_build)
+                steps = 5 if steps is None else steps
+                make_config = partial(demo_run_config, assets, steps=steps)
+                model_name = "psomerge-demo"
+            else:
+                from psomerge.demo.smollm2 import SmolSpec, build_smollm2, smollm2_run_config
+
+                console.log("SmolLM2-135M preset: converting the GGUF base and fine-tuning two experts "
+                            "(once, cached; about 10 minutes on 2 cores)")
+                assets = build_smollm2(root, SmolSpec(), on_build)
+                steps = 3 if steps is None else steps
+                make_config = partial(smollm2_run_config, assets, SmolSpec(), steps=steps)
+                model_name = "psomerge-smollm2"
         from psomerge.flows.pso import run_pso_flow
 
         summaries = {}
         for optimizer, baselines in (("pso", None), ("cmaes", [])):  # baselines once, in the PSO run
-            cfg = demo_run_config(assets, optimizer, steps, baselines=baselines)
+            cfg = make_config(optimizer, baselines=baselines)
             path = root / "runs" / f"{cfg.name}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
@@ -137,7 +157,7 @@ def demo(
     console.print(f"\nMLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{db}  (then http://127.0.0.1:5000)")
     console.print("Prefect UI: .venv/bin/prefect server start, and set PREFECT_API_URL=http://127.0.0.1:4200/api "
                   "before a run so its flow runs are kept there")
-    console.print(f"champion:   models:/psomerge-demo@champion (demo models under {assets.root})")
+    console.print(f"champion:   models:/{model_name}@champion (models under {assets.root})")
 
 
 @app.command()

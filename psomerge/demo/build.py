@@ -150,7 +150,8 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     model.train()
     for step in range(steps):
         seqs, labels = [], []
@@ -158,10 +159,11 @@ def train(
             q, a = rng.choices(generators, weights)[0](rng)
             if q in exclude:
                 continue
-            q_ids = tokenizer(q, add_special_tokens=False)["input_ids"]
+            # the question as generation will see it (a BOS where the tokenizer adds one)
+            q_ids = tokenizer(q, add_special_tokens=True)["input_ids"]
             a_ids = tokenizer(a, add_special_tokens=False)["input_ids"] + [eos]
-            seqs.append([bos] + q_ids + a_ids)
-            labels.append([-100] * (1 + len(q_ids)) + a_ids)
+            seqs.append(q_ids + a_ids)
+            labels.append([-100] * len(q_ids) + a_ids)
         width = max(map(len, seqs))
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
         lab = torch.tensor([l + [-100] * (width - len(l)) for l in labels])

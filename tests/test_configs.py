@@ -1,0 +1,16 @@
+"""Every example run config in configs/ validates (paths need not exist until a run)."""
+
+from pathlib import Path
+
+import pytest
+
+from psomerge.config import RunConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_example_config_validates(path):
+    cfg = RunConfig.load(path)
+    assert cfg.suites and cfg.experts
+    assert cfg.generation.cache_config()["backend"] == cfg.generation.backend
