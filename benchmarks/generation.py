@@ -7,7 +7,8 @@ For each model size and dtype:
 A particle push replaces what would otherwise be an engine restart per particle, so the
 two are printed together.
 
-Usage: .venv/bin/python benchmarks/generation.py [--sizes demo,57m] [--reps 3]
+Usage: .venv/bin/python benchmarks/generation.py [--sizes demo,57m,smollm2] [--reps 3]
+(smollm2: SmolLM2-135M-Instruct and the preset's experts, after `psomerge demo --preset smollm2`)
 Needs the vLLM environment (`make vllm-env`).
 """
 
@@ -39,6 +40,11 @@ PROMPTS = 64
 
 
 def family(size: str) -> tuple[Path, list[Path]]:
+    if size == "smollm2":  # the real model: the preset's base and experts
+        root = data_dir() / "smollm2" / "current"
+        if not (root / "BUILT").exists():
+            sys.exit(f"{root} not built: run `psomerge demo --preset smollm2` first")
+        return root / "base", [root / "experts" / "sentiment", root / "experts" / "iso_code"]
     root = data_dir() / "bench" / f"generation-{size}"
     tok = char_tokenizer(ALPHABET)
     if not (root / "expert1" / "tokenizer.json").exists():
@@ -125,7 +131,7 @@ def main() -> None:
         base, experts = family(size)
         ck = Checkpoint(base)
         params = sum(int(np.prod(ck.info(n).shape)) for n in ck.tensor_names)
-        print(f"\n[{size}] {params / 1e6:.1f}M parameters, basis K=5")
+        print(f"\n[{size}] {params / 1e6:.1f}M parameters, basis K=5", flush=True)
         for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
             tf = bench_transformers(base, dtype, ps, args.reps)
             vl = bench_vllm(base, experts, dtype_name, ps, args.reps)
@@ -133,7 +139,7 @@ def main() -> None:
             print(f"  {dtype_name:8}  transformers {tf['tok_s']:8.0f} tok/s | vLLM ({vl['device']}) {vl['tok_s']:8.0f} tok/s"
                   f" | vLLM engine start {vl['start_s']:6.2f} s vs particle push {push * 1e3:7.1f} ms"
                   f" (materialise {vl['materialise_s'] * 1e3:.1f} + reload {vl['reload_s'] * 1e3:.1f})"
-                  f" = {vl['start_s'] / push:,.0f}x")
+                  f" = {vl['start_s'] / push:,.0f}x", flush=True)
 
 
 if __name__ == "__main__":
