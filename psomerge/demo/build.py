@@ -13,7 +13,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,24 +42,31 @@ class DemoSpec:
     seed: int = 0
 
     def key(self) -> str:
-        payload = json.dumps({**asdict(self), "version": BUILD_VERSION}, sort_keys=True)
-        return hashlib.blake2b(payload.encode(), digest_size=6).hexdigest()
+        return build_key(self, BUILD_VERSION)
+
+
+def build_key(spec, version: int) -> str:
+    """Folder name of a cached build: a hash of its settings and the builder's version."""
+    payload = json.dumps({**asdict(spec), "version": version}, sort_keys=True)
+    return hashlib.blake2b(payload.encode(), digest_size=6).hexdigest()
 
 
 @dataclass(frozen=True)
 class DemoAssets:
+    """A built preset: base, one expert and one eval dataset per task."""
+
     root: Path
     base: Path
     experts: dict[str, Path] = field(default_factory=dict)
     datasets: dict[str, Path] = field(default_factory=dict)
 
     @classmethod
-    def at(cls, root: Path, spec: DemoSpec) -> "DemoAssets":
+    def at(cls, root: Path, tasks: Sequence[str]) -> "DemoAssets":
         return cls(
             root=root,
             base=root / "base",
-            experts={t: root / "experts" / t for t in spec.tasks},
-            datasets={t: root / "data" / f"{t}.jsonl" for t in spec.tasks},
+            experts={t: root / "experts" / t for t in tasks},
+            datasets={t: root / "data" / f"{t}.jsonl" for t in tasks},
         )
 
 
@@ -67,14 +74,14 @@ def build_demo(
     data_dir: str | Path, spec: DemoSpec = DemoSpec(), on_progress: Callable[[str, int, int], None] | None = None
 ) -> DemoAssets:
     root = Path(data_dir) / "demo" / spec.key()
-    assets = DemoAssets.at(root, spec)
+    assets = DemoAssets.at(root, spec.tasks)
     if (root / "BUILT").exists():
         _point_current(root)
         return assets
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    staged = DemoAssets.at(tmp, spec)
+    staged = DemoAssets.at(tmp, spec.tasks)
     tasks = {t.name: t for t in DEMO_TASKS if t.name in spec.tasks}
 
     # Eval data first: training draws exclude every eval question, so held-out stays unseen.
@@ -111,12 +118,18 @@ def build_demo(
               spec.seed + 1 + i, all_eval, lambda s, n=name: on_progress and on_progress(n, s, spec.expert_steps))
         expert.save_pretrained(staged.experts[name])
         tokenizer.save_pretrained(staged.experts[name])
-    (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
-    (tmp / "BUILT").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
-    _point_current(root)
+    publish_build(tmp, root, spec)
     return assets
+
+
+def publish_build(staged: Path, root: Path, spec) -> None:
+    """Move a finished build from its staging folder into place (an interrupted build never
+    looks finished) and point ``current`` at it."""
+    (staged / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
+    (staged / "BUILT").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+    shutil.rmtree(root, ignore_errors=True)
+    staged.rename(root)
+    _point_current(root)
 
 
 def _point_current(root: Path) -> None:

@@ -74,22 +74,30 @@ def run_static_demo(
 def demo_run_config(assets: DemoAssets, optimizer: str = "pso", steps: int = 5, name: str | None = None,
                     baselines: list[str] | None = None):
     """The swarm run config for the demo experts (what configs/demo.yaml spells out)."""
+    return preset_run_config(
+        assets, name=name or f"demo-{optimizer}", model_name="psomerge-demo",
+        suite={"prompt_template": "{question}", "judge": {"type": "exact_match", "normalizer": "none"},
+               "optimisation_size": OPTIMISATION_SIZE},
+        generation={"max_new_tokens": MAX_NEW_TOKENS, "batch_size": 256},
+        optimizer=optimizer, steps=steps, baselines=baselines, source="<demo>")
+
+
+def preset_run_config(assets: DemoAssets, *, name: str, model_name: str, suite: dict, generation: dict,
+                      optimizer: str, steps: int, baselines: list[str] | None, source: str):
+    """A run config over a built preset: one suite per expert's dataset, with ``suite``'s
+    settings (prompt, judge, split size) shared by all."""
     from psomerge.config import RunConfig
 
-    registry = {"model_name": "psomerge-demo"}
+    registry: dict = {"model_name": model_name}
     if baselines is not None:
         registry["baselines"] = baselines
     return RunConfig.from_dict({
-        "name": name or f"demo-{optimizer}",
+        "name": name,
         "base": str(assets.base),
         "experts": [str(p) for p in assets.experts.values()],
-        "suites": [
-            {"name": n, "dataset": str(p), "prompt_template": "{question}", "answer_field": "answer",
-             "id_field": "id", "judge": {"type": "exact_match", "normalizer": "none"},
-             "optimisation_size": OPTIMISATION_SIZE}
-            for n, p in assets.datasets.items()
-        ],
-        "generation": {"max_new_tokens": MAX_NEW_TOKENS, "batch_size": 256},
+        "suites": [{"name": n, "dataset": str(p), "answer_field": "answer", "id_field": "id", **suite}
+                   for n, p in assets.datasets.items()],
+        "generation": generation,
         "optimizer": {"type": optimizer, "steps": steps},
         "registry": registry,
-    }, source="<demo>")
+    }, source=source)

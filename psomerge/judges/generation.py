@@ -21,6 +21,16 @@ class GenerationStats:
     new_tokens: int = 0
 
 
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The answer up to the first stop string (either backend may run past one: transformers
+    generates a fixed number of tokens, vLLM matches stops on detokenised pieces)."""
+    for s in stop:
+        pos = text.find(s)
+        if pos >= 0:
+            text = text[:pos]
+    return text
+
+
 def generation_config(max_new_tokens: int, stop: Sequence[str], backend: str = "transformers", **engine) -> dict:
     """Generation settings that change answers: part of cache keys."""
     return {"backend": backend, "max_new_tokens": max_new_tokens, "stop": list(stop), "greedy": True, **engine}
@@ -78,14 +88,7 @@ class TransformersGenerator:
             new = gen[:, enc["input_ids"].shape[1]:]
             self.stats.new_tokens += int((new != self.tokenizer.pad_token_id).sum())
             for text in self.tokenizer.batch_decode(new, skip_special_tokens=True):
-                out.append(self._cut(text))
+                out.append(cut_at_stop(text, self.stop))
         self.stats.calls += 1
         self.stats.prompts += len(prompts)
         return out
-
-    def _cut(self, text: str) -> str:
-        for s in self.stop:
-            pos = text.find(s)
-            if pos >= 0:
-                text = text[:pos]
-        return text

@@ -33,7 +33,7 @@ import torch
 from psomerge.errors import PsomergeError
 from psomerge.io import Checkpoint
 from psomerge.io.shared_weights import SharedWeights
-from psomerge.judges.generation import GenerationStats, generation_config
+from psomerge.judges.generation import GenerationStats, cut_at_stop, generation_config
 from psomerge.judges.vllm_server import vllm_env, vllm_python
 
 log = logging.getLogger(__name__)
@@ -199,16 +199,7 @@ class VLLMGenerator:
         self.stats.calls += 1
         self.stats.prompts += len(prompts)
         self.stats.new_tokens += int(reply["tokens"])
-        return [self._cut(t) for t in reply["texts"]]
-
-    def _cut(self, text: str) -> str:
-        # vLLM stops at the first stop string and drops it; a stop string spanning two
-        # detokenised pieces is cut here as the transformers backend cuts it.
-        for s in self.stop:
-            pos = text.find(s)
-            if pos >= 0:
-                text = text[:pos]
-        return text
+        return [cut_at_stop(t, self.stop) for t in reply["texts"]]
 
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
