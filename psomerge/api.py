@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from psomerge.errors import ConfigError
 from psomerge.config import OptimizerConfig, RunConfig, SuiteConfig
+from psomerge.errors import ConfigError
 from psomerge.evalsuite import EvalSuite
 from psomerge.evaluation import EvalResult, evaluate
 from psomerge.io import Checkpoint, StreamingSafetensorsWriter, check_compatible, copy_model_files
@@ -183,10 +183,7 @@ class Workspace:
             close = getattr(suite.scorer, "close", None)
             if close:
                 close()
-        for resident in self.evaluator.residents:  # and generation engines
-            resident.close()
-        self.evaluator.residents.clear()
-        self.evaluator._free.clear()
+        self.evaluator.close()  # and generation engines
 
     def write_model(self, coeffs: np.ndarray, out_dir: Path) -> Path:
         """Stream the particle to sharded safetensors with the base's config and tokenizer."""

@@ -92,6 +92,13 @@ class ParticleEvaluator:
             with self._counts_lock:
                 self._free.append(r)
 
+    def close(self) -> None:
+        """Release every resident (stops vLLM engines); a later call builds new ones."""
+        with self._counts_lock:
+            residents, self.residents, self._free = self.residents, [], []
+        for r in residents:
+            r.close()
+
     def key(self, coeffs: np.ndarray) -> str:
         return particle_key(self.basis.fingerprint, coeffs, self.fingerprint)
 
