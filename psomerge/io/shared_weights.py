@@ -56,7 +56,6 @@ class SharedWeights(Mapping[str, torch.Tensor]):
                 f.write(struct.pack("<Q", len(raw)))
                 f.write(raw)
                 f.truncate(data_start + offset)
-            self.nbytes = offset
             storage = torch.from_file(str(self.path), shared=True, size=data_start + offset, dtype=torch.uint8)
         except BaseException:
             self.path.unlink(missing_ok=True)

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from psomerge.errors import PsomergeError
 from psomerge.io import Checkpoint
+from psomerge.io.checkpoint import DTYPES
 from psomerge.io.shared_weights import SharedWeights
 from psomerge.judges.generation import GenerationStats, cut_at_stop, generation_config
 from psomerge.judges.vllm_server import vllm_env, vllm_python
@@ -183,7 +182,7 @@ class VLLMGenerator:
             ref = Checkpoint(self.model_path)
             plan = [(n, ref.info(n).shape) for n in ref.tensor_names if ref.info(n).dtype.is_floating_point]
             ref.close()
-            self._weights = SharedWeights(plan, _TORCH_DTYPES[self.engine_dtype])
+            self._weights = SharedWeights(plan, DTYPES[self.engine_dtype])
         return self._weights
 
     def weights_changed(self) -> None:
@@ -201,5 +200,3 @@ class VLLMGenerator:
         self.stats.new_tokens += int(reply["tokens"])
         return [cut_at_stop(t, self.stop) for t in reply["texts"]]
 
-
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -9,17 +9,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from psomerge.errors import ConfigError
+from psomerge.io.checkpoint import DTYPES
 from psomerge.merging.methods import MergeMethod, MergeOptions, ModelParams, get_method
 from psomerge.yamlconfig import read_yaml, validate
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 
 # A parameter is a number, or mergekit's filter list: [{filter: "mlp", value: 0.5}, {value: 1}].
 ParamValue = float | int | bool | str | list[dict[str, Any]]
