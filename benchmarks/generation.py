@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from psomerge.demo.charlm import char_tokenizer  # noqa: E402
-from psomerge.demo.synthetic import llama_config, make_family  # noqa: E402
-from psomerge.demo.tasks import ALPHABET, DEMO_TASKS, unique_examples  # noqa: E402
+from psomerge.presets.charlm import char_tokenizer  # noqa: E402
+from psomerge.presets.synthetic import llama_config, make_family  # noqa: E402
+from psomerge.presets.tiny_tasks import ALPHABET, DEMO_TASKS, unique_examples  # noqa: E402
 from psomerge.io import Checkpoint  # noqa: E402
 from psomerge.paths import data_dir  # noqa: E402
-from psomerge.swarm import BasisSpec, build_basis  # noqa: E402
+from psomerge.swarm import BasisSettings, build_basis  # noqa: E402
 
 SIZES = {  # hidden, layers, heads, intermediate
     "demo": (128, 4, 4, 256),
@@ -77,7 +77,7 @@ def timed(fn, reps: int) -> tuple[float, object]:
 def bench_transformers(base: Path, dtype: torch.dtype, ps: list[str], reps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from psomerge.judges.generation import TransformersGenerator
+    from psomerge.generation.transformers_backend import TransformersGenerator
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     gen = TransformersGenerator(model, AutoTokenizer.from_pretrained(base), batch_size=PROMPTS,
@@ -90,9 +90,9 @@ def bench_transformers(base: Path, dtype: torch.dtype, ps: list[str], reps: int)
 
 
 def bench_vllm(base: Path, experts: list[Path], dtype: str, ps: list[str], reps: int) -> dict:
-    from psomerge.judges.vllm_generation import VLLMGenerator
+    from psomerge.generation.vllm_backend import VLLMGenerator
 
-    basis = build_basis(base, experts, data_dir() / "cache" / "basis", BasisSpec())
+    basis = build_basis(base, experts, data_dir() / "cache" / "basis", BasisSettings())
     rng = np.random.default_rng(0)
     t = time.perf_counter()
     gen = VLLMGenerator(base, max_new_tokens=NEW_TOKENS, stop=(), dtype=dtype, max_model_len=128)

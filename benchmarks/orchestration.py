@@ -1,7 +1,7 @@
 """Orchestration overhead and warm-cache reruns on the demo experts.
 
 In one command, each in its own process with its own fresh data directory (cold caches):
-  library: psomerge.api.run_swarm (search + held-out rows + merged model written)
+  library: psomerge.pipeline.run_swarm (search + held-out rows + merged model written)
   flow:    the Prefect flow pso_merge (the same work, plus MLflow tracking, registration and
            the promotion gate), timed after the temporary Prefect server is up and the MLflow
            store exists; those one-time costs are reported apart
@@ -28,19 +28,20 @@ CHILD = r"""
 import json, sys, time
 mode, config_path = sys.argv[1], sys.argv[2]
 if mode == "library":
-    from psomerge.api import run_swarm
+    from psomerge.pipeline import run_swarm
     from psomerge.config import RunConfig
     t = time.perf_counter()
     run = run_swarm(RunConfig.load(config_path))
-    print("RESULT" + json.dumps({"seconds": time.perf_counter() - t, "scorings": run.counts["scorings"]}))
+    print("RESULT" + json.dumps({"seconds": time.perf_counter() - t, "scorings": run.counts.scorings}))
 else:
-    import psomerge.flows  # Prefect defaults
+    from psomerge.orchestration.settings import apply_defaults
+    apply_defaults()  # before Prefect is imported
     from prefect import flow
-    from psomerge.flows.pso import run_pso_flow
+    from psomerge.orchestration.flows import run_flow
     @flow
     def warm_up():
         return 1
-    from psomerge.registry import tracking
+    from psomerge.tracking import registry as tracking
     t = time.perf_counter()
     warm_up()  # starts the temporary Prefect server
     out = {"startup": time.perf_counter() - t}
@@ -49,9 +50,9 @@ else:
     out["mlflow_init"] = time.perf_counter() - t
     for i in range(int(sys.argv[3])):
         t = time.perf_counter()
-        s = run_pso_flow(config_path)
+        s = run_flow(config_path)
         out[f"run{i}"] = time.perf_counter() - t
-        out[f"scorings{i}"] = s["counts"]["scorings"]
+        out[f"scorings{i}"] = s.counts.scorings
     print("RESULT" + json.dumps(out))
 """
 
@@ -73,12 +74,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
     steps = ap.parse_args().steps
-    from psomerge.demo.build import build_demo
-    from psomerge.demo.run import demo_run_config
     from psomerge.paths import data_dir
+    from psomerge.presets.tiny import build_tiny, tiny_run_config
 
-    assets = build_demo(data_dir())
-    cfg = json.loads(demo_run_config(assets, "pso", steps, name="bench", baselines=[]).model_dump_json())
+    assets = build_tiny(data_dir())
+    cfg = tiny_run_config(assets, "pso", steps, name="bench", baselines=[]).model_dump(mode="json")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         path = tmp / "bench.yaml"

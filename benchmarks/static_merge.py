@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from psomerge.demo.synthetic import llama_config, make_family  # noqa: E402
+from psomerge.presets.synthetic import llama_config, make_family  # noqa: E402
 from psomerge.paths import data_dir  # noqa: E402
 
 BIN = Path(sys.executable).parent

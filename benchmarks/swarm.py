@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from psomerge.demo.synthetic import llama_config, make_family  # noqa: E402
+from psomerge.presets.synthetic import llama_config, make_family  # noqa: E402
 from psomerge.paths import data_dir  # noqa: E402
-from psomerge.swarm import BasisSpec, PSOConfig, build_basis  # noqa: E402
+from psomerge.swarm import BasisSettings, PSOSettings, build_basis  # noqa: E402
 
 STEPS = 2
 ROOT = data_dir() / "bench" / "family-106m"
@@ -45,21 +45,21 @@ def run_ours(storage: str) -> None:
     from psomerge.swarm.cache import CachedFitness
 
     base, experts = family()
-    basis = build_basis(base, experts, data_dir() / "cache" / "basis", BasisSpec(), storage=storage)
+    basis = build_basis(base, experts, data_dir() / "cache" / "basis", BasisSettings(storage=storage))
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 
     def fitness(x):
         basis.materialise(x, model)
         return CachedFitness(fitness_of(model), {}, {})
 
-    run_optimizer(PSOMerging(basis.k, 1, PSOConfig(steps=STEPS)), fitness)
+    run_optimizer(PSOMerging(basis.k, 1, PSOSettings(steps=STEPS)), fitness)
 
 def run_dense() -> None:
     from torch.nn.utils import vector_to_parameters
     from transformers import AutoModelForCausalLM
 
     base, experts = family()
-    basis = build_basis(base, experts, data_dir() / "cache" / "basis", BasisSpec(), storage="mmap")
+    basis = build_basis(base, experts, data_dir() / "cache" / "basis", BasisSettings(storage="mmap"))
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     names = [n for n, _ in model.named_parameters()]
     k = basis.k
@@ -70,7 +70,7 @@ def run_dense() -> None:
         m.close()
     v = torch.zeros_like(x)
     pbest = x.clone()
-    cfg = PSOConfig(steps=STEPS)
+    cfg = PSOSettings(steps=STEPS)
     rng = np.random.Generator(np.random.PCG64(cfg.seed))
 
     def fitness(vec):
@@ -110,7 +110,7 @@ def measure(role: str) -> tuple[float, float]:
 
 def memory() -> None:
     base, experts = family()
-    build_basis(base, experts, data_dir() / "cache" / "basis", BasisSpec(), storage="mmap")  # DARE files, once
+    build_basis(base, experts, data_dir() / "cache" / "basis", BasisSettings(storage="mmap"))  # DARE files, once
     t_dense, m_dense = measure("dense")
     print(f"(a) PSO, K=7, {STEPS} steps ({7 * (STEPS + 1)} materialisations), ~106M parameters")
     print(f"    dense fp32 PSO                      : peak {m_dense:6.2f} GiB, {t_dense:5.1f} s")
@@ -122,7 +122,7 @@ def materialise() -> None:
     from transformers import AutoModelForCausalLM
 
     base, experts = family()
-    layouts = {s: build_basis(base, experts, data_dir() / "cache" / "basis", BasisSpec(), storage=s)
+    layouts = {s: build_basis(base, experts, data_dir() / "cache" / "basis", BasisSettings(storage=s))
                for s in ("ram", "compact")}
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     stacked = layouts["ram"]._dense  # the K stacked fp32 tensors of every name

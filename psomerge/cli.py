@@ -1,8 +1,11 @@
-"""Command line: ``psomerge merge``, ``psomerge demo``."""
+"""Command line: ``psomerge merge | swarm | run | demo | promote | deploy``.
+
+Every command first applies the environment defaults (``orchestration.settings.apply_defaults``):
+offline, no telemetry, Prefect's home under the data directory.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -22,7 +25,9 @@ console = Console(stderr=True)
 
 
 def _setup(verbose: bool) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from psomerge.orchestration.settings import apply_defaults
+
+    apply_defaults()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(message)s",
@@ -118,15 +123,14 @@ def demo(
                 progress.update(bars[name], completed=step)
 
             if preset == "tiny":
-                from psomerge.demo.build import DemoSpec, build_demo
-                from psomerge.demo.run import demo_run_config
+                from psomerge.presets.tiny import TinySpec, build_tiny, tiny_run_config
 
-                assets = build_demo(root, DemoSpec(), on_build)
+                assets = build_tiny(root, TinySpec(), on_build)
                 steps = 5 if steps is None else steps
-                make_config = partial(demo_run_config, assets, steps=steps)
+                make_config = partial(tiny_run_config, assets, steps=steps)
                 model_name = "psomerge-demo"
             else:
-                from psomerge.demo.smollm2 import SmolSpec, build_smollm2, smollm2_run_config
+                from psomerge.presets.smollm2 import SmolSpec, build_smollm2, smollm2_run_config
 
                 console.log("SmolLM2-135M preset: converting the GGUF base and fine-tuning two experts "
                             "(once, cached; about 10 minutes on 2 cores)")
@@ -134,28 +138,26 @@ def demo(
                 steps = 3 if steps is None else steps
                 make_config = partial(smollm2_run_config, assets, SmolSpec(), steps=steps)
                 model_name = "psomerge-smollm2"
-        from psomerge.flows.pso import run_pso_flow
+        from psomerge.orchestration.flows import run_flow
 
-        summaries = {}
+        results = {}
         for optimizer, baselines in (("pso", None), ("cmaes", [])):  # baselines once, in the PSO run
             cfg = make_config(optimizer, baselines=baselines)
             path = root / "runs" / f"{cfg.name}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+            path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
             console.log(f"running the {optimizer} flow ({path})")
-            summaries[optimizer] = run_pso_flow(path)
+            results[optimizer] = run_flow(path)
     except PsomergeError as exc:
         _fail(exc)
-    merged = summaries["pso"]
-    merged["heldout"]["psomerge:cmaes"] = summaries["cmaes"]["heldout"]["psomerge:cmaes"]
-    _print_summary(merged)
-    c = summaries["cmaes"]
-    console.print(f"CMA-ES: fitness calls {c['counts']['fitness_calls']}, scorings {c['counts']['scorings']}, "
-                  f"cache hits {c['counts']['cache_hits']}; registered version {c['version']}; champion "
-                  f"{'moved' if c['promotion']['promoted'] else 'kept'}: {c['promotion']['reason']}")
+    pso, cmaes = results["pso"], results["cmaes"]
+    _print_summary(pso, extra_rows=[r for r in cmaes.rows if r.label == cmaes.merged_label])
+    _print_registration("CMA-ES", cmaes)
     db = (root / "mlflow.db").resolve()
-    console.print(f"\nMLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{db}  (then http://127.0.0.1:5000)")
-    console.print("Prefect UI: .venv/bin/prefect server start, and set PREFECT_API_URL=http://127.0.0.1:4200/api "
+    mlflow_cli = Path(sys.executable).parent / "mlflow"
+    prefect_cli = Path(sys.executable).parent / "prefect"
+    console.print(f"\nMLflow UI:  {mlflow_cli} ui --backend-store-uri sqlite:///{db}  (then http://127.0.0.1:5000)")
+    console.print(f"Prefect UI: {prefect_cli} server start, and set PREFECT_API_URL=http://127.0.0.1:4200/api "
                   "before a run so its flow runs are kept there")
     console.print(f"champion:   models:/{model_name}@champion (models under {assets.root})")
 
@@ -168,25 +170,23 @@ def swarm(
     resume: Annotated[bool, typer.Option(help="continue from the run's last checkpoint")] = False,
     verbose: bool = False,
 ) -> None:
-    """Run PSO-Merging (or Model Swarms, CMA-ES) and print per-step progress and a held-out table."""
+    """Run PSO-Merging (or Model Swarms, CMA-ES) in this process and print per-step progress
+    and the held-out table (no Prefect, no MLflow)."""
     _setup(verbose)
     from rich.table import Table
 
-    from psomerge.api import run_swarm
     from psomerge.config import RunConfig
-    from psomerge.demo.build import build_demo
-    from psomerge.demo.run import demo_run_config
-    from psomerge.paths import data_dir
-    from psomerge.report import score_table
+    from psomerge.pipeline import run_swarm
 
+    overrides = {k: v for k, v in (("optimizer.type", optimizer), ("optimizer.steps", steps)) if v is not None}
     try:
         if config is None:
-            cfg = demo_run_config(build_demo(data_dir()), optimizer or "pso", steps if steps is not None else 5)
+            from psomerge.paths import data_dir
+            from psomerge.presets.tiny import build_tiny, tiny_run_config
+
+            cfg = tiny_run_config(build_tiny(data_dir()), optimizer or "pso", 5 if steps is None else steps)
         else:
-            cfg = RunConfig.load(config)
-            overrides = {k: v for k, v in (("type", optimizer), ("steps", steps)) if v is not None}
-            if overrides:
-                cfg = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update=overrides)})
+            cfg = RunConfig.load(config, overrides)
         progress = Table(title=f"{cfg.name}: {cfg.optimizer.type} ({cfg.basis.granularity} granularity)",
                          title_justify="left")
         for col in ("step", "global best", *[s.name for s in cfg.suites], "mean", "std", "scorings", "cache hits"):
@@ -200,16 +200,11 @@ def swarm(
             progress.add_row(*row)
             out.print(" | ".join(f"{c.header}={v}" for c, v in zip(progress.columns, row)))
 
-        run = run_swarm(cfg, resume=resume, on_step=on_step)
+        result = run_swarm(cfg, resume=resume, on_step=on_step)
     except PsomergeError as exc:
         _fail(exc)
     out.print(progress)
-    out.print(score_table("held-out (never read by the search)", run.heldout, run.suites))
-    c = run.counts
-    out.print(f"fitness calls {c['fitness_calls']}, scorings {c['scorings']}, cache hits {c['cache_hits']}, "
-              f"generated tokens {c['generated_tokens']}; judge calls {c['judge_calls']}, judge cache hits "
-              f"{c['judge_cache_hits']}, judge tokens {c['judge_tokens']}, judge cost {c['judge_cost']:.4f}")
-    out.print(f"merged model: {run.output_dir / 'model'}")
+    _print_summary(result)
 
 
 @app.command()
@@ -221,29 +216,38 @@ def run(
     """Run the PSO-Merging Prefect flow (tracked in MLflow, registered, promotion-gated)."""
     _setup(verbose)
     try:
-        from psomerge.flows.pso import run_pso_flow
+        from psomerge.orchestration.flows import run_flow
 
-        summary = run_pso_flow(config, resume=resume)
+        result = run_flow(config, resume=resume)
     except PsomergeError as exc:
         _fail(exc)
-    _print_summary(summary)
+    _print_summary(result)
 
 
-def _print_summary(summary: dict) -> None:
-    from psomerge.evaluation import EvalResult
-    from psomerge.report import score_table
+def _print_summary(result, extra_rows=()) -> None:
+    """The held-out table (base, experts, baselines, merges), the run's counts and, for a
+    tracked run, its registration."""
+    from psomerge.evaluation.report import score_table
 
     out = Console(width=max(console.width, 110))
-    rows = [(label, EvalResult({k: v for k, v in scores.items() if k != "weighted_mean"}, scores["weighted_mean"], 0))
-            for label, scores in summary["heldout"].items()]
-    out.print(score_table("held-out scores (never read by the search)", rows))
-    c, p = summary["counts"], summary["promotion"]
-    out.print(f"fitness calls {c['fitness_calls']}, scorings {c['scorings']}, cache hits {c['cache_hits']} "
-              f"(Prefect-cached {c['prefect_cache_hits']}), generated tokens {c['generated_tokens']}; judge calls "
-              f"{c['judge_calls']}, judge cache hits {c['judge_cache_hits']}, judge tokens {c['judge_tokens']}, "
-              f"judge cost {c['judge_cost']:.4f}")
-    out.print(f"MLflow run {summary['run_id']}; registered version {summary['version']}; "
-              f"champion {'moved' if p['promoted'] else 'kept'}: {p['reason']}")
+    rows = [(r.label, r.heldout) for r in [*result.rows, *extra_rows]]
+    out.print(score_table("held-out scores (never read by the search)", rows, result.config.suites))
+    c = result.counts
+    out.print(f"fitness calls {c.fitness_calls}, scorings {c.scorings}, cache hits {c.cache_hits} "
+              f"(Prefect-cached {c.task_cache_hits}), examples scored {c.examples_scored}, generated tokens "
+              f"{c.generated_tokens}; judge calls {c.judge_calls}, judge cache hits {c.judge_cache_hits}, judge "
+              f"tokens {c.judge_tokens}, judge cost {c.judge_cost:.4f}")
+    if result.model_dir is not None:
+        out.print(f"merged model: {result.model_dir}")
+    if result.registration is not None:
+        _print_registration("MLflow", result)
+
+
+def _print_registration(what: str, result) -> None:
+    reg = result.registration
+    p = reg.promotion
+    console.print(f"{what}: run {reg.run_id}; registered version {reg.version}; "
+                  f"champion {'moved' if p['promoted'] else 'kept'}: {p['reason']}")
 
 
 @app.command()
@@ -254,7 +258,7 @@ def promote(
 ) -> None:
     """Move alias 'champion' to 'candidate' when the candidate's held-out score is higher."""
     _setup(verbose)
-    from psomerge.flows.registry import promote as promote_flow
+    from psomerge.orchestration.flows import promote as promote_flow
 
     decision = promote_flow(model_name, margin)
     console.print(f"{'promoted' if decision['promoted'] else 'not promoted'}: {decision['reason']}")
@@ -270,14 +274,13 @@ def deploy(
     set PREFECT_API_URL). Runs until interrupted."""
     _setup(False)
     from psomerge.config import RunConfig
-    from psomerge.flows.pso import pso_merge
+    from psomerge.orchestration.flows import pso_merge
 
-    cfg = RunConfig.load(config)
+    try:
+        cfg = RunConfig.load(config)
+    except PsomergeError as exc:
+        _fail(exc)
     pso_merge.serve(name=name or cfg.name, cron=cron, parameters={"config_path": str(config.resolve())})
-
-
-def main() -> None:  # pragma: no cover
-    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,140 +1,149 @@
-"""Run configuration (YAML), validated with errors naming the file and key."""
+"""A run's configuration (YAML): the schema of the core, validated with errors naming the
+file and key.
+
+Each section's model lives beside the code it configures (suites in ``evaluation``, judges
+in ``judges``, generation backends in ``generation``, the basis and optimisers in
+``swarm``), so every setting has one default, defined once. Sections that come in kinds
+(``optimizer.type``, ``judge.type``, ``generation.backend``, ``runner.type``) accept only
+their kind's options: an option the chosen kind does not have is an error, never ignored.
+Names and paths (models, data files, baselines, scorers, the vLLM environment) are checked
+when the config loads, before any expensive work.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, field_validator
 
-from psomerge.errors import ConfigError
-from psomerge.judges.generation import generation_config
 from psomerge.paths import data_dir
-from psomerge.yamlconfig import read_yaml, validate
+from psomerge.errors import ConfigError
+from psomerge.evaluation.suite import SuiteSettings
+from psomerge.generation.settings import GenerationSettings, TransformersSettings, VLLMSettings
+from psomerge.merging.baselines import STATIC_BASELINES
+from psomerge.swarm.basis import BasisSettings
+from psomerge.swarm.optimizers import OptimizerChoice
+from psomerge.swarm.pso import PSOSettings
+from psomerge.yamlconfig import StrictModel, read_yaml, tagged_union, validate
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Workers(StrictModel):
+    max_workers: int = Field(1, ge=1)  # threads, local Dask workers or Ray CPUs
 
 
-class SuiteConfig(_Strict):
-    name: str
-    dataset: Path  # .jsonl, .csv, .parquet, or a folder written by datasets' save_to_disk
-    dataset_split: str | None = None  # for a saved DatasetDict
-    prompt_template: str = "{question}"
-    answer_field: str = "answer"
-    id_field: str | None = None
-    judge: dict[str, Any] = {"type": "exact_match"}  # {type: exact_match | code_exec | llm, ...}
-    weight: float = Field(1.0, gt=0)
-    optimisation_size: int = Field(60, gt=0)
-    heldout_size: int | None = None
-    split_seed: int = 0
+class ThreadsRunner(_Workers):
+    """Particles scored by threads of the flow's own process."""
+
+    type: Literal["threads"] = "threads"
 
 
-class BasisConfig(_Strict):
-    drop_rate: float = Field(0.8, ge=0, lt=1)
-    seed: int = 0
-    granularity: Literal["model", "layer", "tensor"] = "model"
-    storage: Literal["ram", "compact", "mmap", "cuda"] = "ram"
+class DaskRunner(_Workers):
+    type: Literal["dask"] = "dask"
+    address: str | None = None  # an existing scheduler (tcp://host:8786); else a local cluster
 
 
-class VLLMEngineConfig(_Strict):
-    """The vLLM generation backend's engine (one per resident, kept alive across particles)."""
-
-    python: str | None = None  # the vLLM environment; default $PSOMERGE_VLLM_PYTHON or .venv-vllm/bin/python
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    memory_fraction: float = Field(0.2, gt=0, le=1)  # gpu_memory_utilization (CPU backend: share of RAM)
-    max_model_len: int | None = Field(None, gt=0)
-    enforce_eager: bool = True
-    startup_timeout: float = Field(900.0, gt=0)
-    engine_args: dict[str, Any] = {}  # passed to vllm.LLM(...) as they are
+class RayRunner(_Workers):
+    type: Literal["ray"] = "ray"
+    address: str | None = None  # an existing cluster (ray://head:10001); else a local one
 
 
-class GenerationConfig(_Strict):
-    backend: Literal["transformers", "vllm"] = "transformers"
-    max_new_tokens: int = 16
-    batch_size: int = 64  # transformers backend; vLLM schedules its own batches
-    stop: list[str] = ["\n"]
-    vllm: VLLMEngineConfig = VLLMEngineConfig()
-
-    def cache_config(self) -> dict:
-        """What changes answers: part of every fitness cache key."""
-        if self.backend == "vllm":
-            return generation_config(self.max_new_tokens, self.stop, backend="vllm", dtype=self.vllm.dtype)
-        return generation_config(self.max_new_tokens, self.stop)
+RunnerSettings = tagged_union({"threads": ThreadsRunner, "dask": DaskRunner, "ray": RayRunner}, default="threads")
 
 
-class OptimizerConfig(_Strict):
-    type: Literal["pso", "model_swarms", "cmaes"] = "pso"
-    steps: int = Field(5, ge=0)
-    seed: int = 0
-    # PSO-Merging
-    inertia: float = 0.2
-    cognitive: float = 2.0
-    social: float = 2.0
-    velocity_clamp: float | None = None
-    bounds: tuple[float, float] | None = None
-    extra_particles: int = 0
-    # Model Swarms
-    step_length: float = 1.0
-    decay: float = 0.95
-    min_step_length: float = 0.1
-    patience: int = 3
-    early_stop: int = 5
-    # CMA-ES: budget defaults to PSO's (2N+1 + extra) * (steps + 1) evaluations
-    budget: int | None = None
-    popsize: int | None = None
-    sigma0: float = 0.3
-
-
-class RunnerConfig(_Strict):
-    """Where particles are scored: threads in this process, or Dask / Ray workers."""
-
-    type: Literal["threads", "dask", "ray"] = "threads"
-    max_workers: int = Field(1, ge=1)  # threads, or local Dask workers / Ray CPUs
-    address: str | None = None  # an existing Dask scheduler or Ray cluster
-
-
-class RegistryConfig(_Strict):
+class RegistrySettings(StrictModel):
     experiment: str = "psomerge"
     model_name: str = "psomerge-merged"
     promotion_margin: float = Field(0.0, ge=0)  # the candidate must beat the champion by more than this
-    baselines: list[str] = ["average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "della"]
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     name: str = "psomerge"
     base: Path
-    experts: list[Path]
-    suites: list[SuiteConfig]
-    basis: BasisConfig = BasisConfig()
-    generation: GenerationConfig = GenerationConfig()
-    optimizer: OptimizerConfig = OptimizerConfig()
-    runner: RunnerConfig = RunnerConfig()
-    registry: RegistryConfig = RegistryConfig()
+    experts: list[Path] = Field(min_length=1)
+    suites: list[SuiteSettings] = Field(min_length=1)
+    basis: BasisSettings = BasisSettings()
+    generation: GenerationSettings = TransformersSettings()
+    optimizer: OptimizerChoice = PSOSettings()
+    runner: RunnerSettings = ThreadsRunner()
+    registry: RegistrySettings = RegistrySettings()
+    baselines: list[str] = list(STATIC_BASELINES)  # static merges reported (and scored) beside the search
     output_dir: Path | None = None  # default: <data dir>/runs/<name>
     cache_path: Path | None = None  # default: <data dir>/cache/fitness.sqlite
     source: str = Field("<config>", exclude=True)
+
+    @field_validator("baselines")
+    @classmethod
+    def _known_baselines(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in STATIC_BASELINES:
+                raise ValueError(f"unknown baseline {name!r}; known: {', '.join(STATIC_BASELINES)}")
+        return names
+
+    @field_validator("suites")
+    @classmethod
+    def _unique_suites(cls, suites: list[SuiteSettings]) -> list[SuiteSettings]:
+        if len({s.name for s in suites}) != len(suites):
+            raise ValueError("suite names must be unique")
+        return suites
 
     def run_dir(self) -> Path:
         """Where the run's checkpoint, merged model and baselines go."""
         return self.output_dir or data_dir() / "runs" / self.name
 
-    @classmethod
-    def load(cls, path: str | Path) -> "RunConfig":
-        return cls.from_dict(read_yaml(path, "config"), source=str(path))
+    def fitness_cache_path(self) -> Path:
+        return self.cache_path or data_dir() / "cache" / "fitness.sqlite"
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "<config>") -> "RunConfig":
+    def load(cls, path: str | Path, overrides: dict[str, Any] | None = None, check_paths: bool = True) -> "RunConfig":
+        """Read, apply command-line ``overrides`` (dotted keys), validate, check names and paths."""
+        data = read_yaml(path, "config")
+        if isinstance(data, dict) and overrides:
+            data = apply_overrides(data, overrides)
+        return cls.from_dict(data, source=str(path), check_paths=check_paths)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<config>", check_paths: bool = True) -> "RunConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: a run config is a mapping (base, experts, suites, ...)")
         cfg = validate(cls, data, source)
-        if len({s.name for s in cfg.suites}) != len(cfg.suites):
-            raise ConfigError(f"{source}: suites: names must be unique")
-        if not cfg.experts:
-            raise ConfigError(f"{source}: key 'experts': at least one expert is needed")
-        if cfg.generation.backend == "vllm" and cfg.basis.storage == "cuda":
+        cfg.source = source
+        if isinstance(cfg.generation, VLLMSettings) and cfg.basis.storage == "cuda":
             # the particle is summed on the host into the file the engine reloads from
             raise ConfigError(f"{source}: basis.storage: 'cuda' does not combine with generation.backend "
                               "'vllm' (the vLLM engine owns the GPU); use ram, compact or mmap")
+        if check_paths:
+            cfg.check_paths()
         return cfg
+
+    def check_paths(self) -> None:
+        """Every model folder, data file and environment the run will read exists."""
+        where = self.source
+        for key, path in [("base", self.base), *((f"experts[{i}]", p) for i, p in enumerate(self.experts))]:
+            if not Path(path).is_dir():
+                raise ConfigError(f"{where}: key {key!r}: model folder {path} does not exist")
+        for i, s in enumerate(self.suites):
+            if not Path(s.dataset).exists():
+                raise ConfigError(f"{where}: key 'suites[{i}].dataset': {s.dataset} does not exist")
+        if isinstance(self.generation, VLLMSettings):
+            from psomerge.generation.vllm_env import vllm_python
+
+            try:
+                vllm_python(self.generation.vllm.python)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: generation.vllm.python: {exc}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with dotted keys replaced (``{"optimizer.steps": 3}``); a section named by a
+    dotted key is created where absent. The result is validated like the file itself."""
+    out = dict(data)
+    for dotted, value in overrides.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[leaf] = value
+    return out

@@ -7,6 +7,10 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from psomerge.orchestration.settings import apply_defaults  # noqa: E402
+
+apply_defaults()  # as the command line does, before Prefect or MLflow is imported
+
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -19,9 +23,9 @@ import json  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
-from psomerge.demo.charlm import char_tokenizer, tiny_llama_config  # noqa: E402
-from psomerge.demo.synthetic import llama_config, make_family  # noqa: E402
-from psomerge.demo.tasks import ALPHABET, DEMO_TASKS, unique_examples  # noqa: E402
+from psomerge.presets.charlm import char_tokenizer, tiny_llama_config  # noqa: E402
+from psomerge.presets.synthetic import llama_config, make_family  # noqa: E402
+from psomerge.presets.tiny_tasks import ALPHABET, DEMO_TASKS, unique_examples  # noqa: E402
 
 
 @pytest.fixture(scope="session")

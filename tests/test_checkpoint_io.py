@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from psomerge.demo.synthetic import llama_config, make_family
+from psomerge.presets.synthetic import llama_config, make_family
 from psomerge.errors import CheckpointError, IncompatibleModelsError
 from psomerge.io import Checkpoint, StreamingSafetensorsWriter, check_compatible, check_finite, copy_model_files
 

@@ -1,4 +1,4 @@
-"""Every example run config in configs/ validates (paths need not exist until a run)."""
+"""Every example run config in configs/ validates (its paths are checked when a run loads it)."""
 
 from pathlib import Path
 
@@ -11,6 +11,6 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_example_config_validates(path):
-    cfg = RunConfig.load(path)
+    cfg = RunConfig.load(path, check_paths=False)
     assert cfg.suites and cfg.experts
     assert cfg.generation.cache_config()["backend"] == cfg.generation.backend

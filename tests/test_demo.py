@@ -4,16 +4,25 @@ import time
 
 import pytest
 
-from psomerge.demo.build import DemoSpec, build_demo
-from psomerge.demo.run import STATIC_BASELINES, run_static_demo
 from psomerge.paths import data_dir
+from psomerge.merging.baselines import STATIC_BASELINES
+from psomerge.pipeline import RunContext
+from psomerge.presets.tiny import TinySpec, build_tiny, tiny_run_config
+from psomerge.swarm import member_coefficients
 
 
 @pytest.mark.slow
 def test_demo_experts_beat_base_and_merging_is_meaningful():
-    spec = DemoSpec()
-    report = run_static_demo(data_dir(), spec, split="heldout")
-    rows = dict(report.rows)
+    spec = TinySpec()
+    assets = build_tiny(data_dir(), spec)
+    ctx = RunContext(tiny_run_config(assets))
+    try:
+        b = ctx.basis
+        rows = {label: ctx.evaluate(label, member_coefficients(b.k, b.num_groups, j)).heldout
+                for j, label in enumerate(b.labels[: 1 + len(spec.tasks)])}
+        rows.update({name: ctx.baseline(name).heldout for name in STATIC_BASELINES})
+    finally:
+        ctx.close()
     base = rows["base"]
     for task in spec.tasks:
         expert = rows[f"expert:{task}"]
@@ -25,12 +34,12 @@ def test_demo_experts_beat_base_and_merging_is_meaningful():
 
     # the second build is a cache hit
     start = time.perf_counter()
-    again = build_demo(data_dir(), spec)
+    again = build_tiny(data_dir(), spec)
     assert time.perf_counter() - start < 1.0
-    assert again.root == report.assets.root
+    assert again.root == assets.root
 
     # held-out and optimisation examples never overlap
-    for suite in report.suites:
+    for suite in ctx.suites:
         opt = {e.prompt for e in suite.split("optimisation")}
         held = {e.prompt for e in suite.split("heldout")}
         assert opt and held and not opt & held

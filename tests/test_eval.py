@@ -2,14 +2,14 @@ import torch
 import pytest
 from transformers import LlamaForCausalLM
 
-from psomerge.demo.charlm import char_tokenizer, tiny_llama_config
-from psomerge.demo.tasks import ALPHABET
+from psomerge.presets.charlm import char_tokenizer, tiny_llama_config
+from psomerge.presets.tiny_tasks import ALPHABET
 from psomerge.errors import ConfigError
-from psomerge.evalsuite import EvalSuite
+from psomerge.evaluation.suite import EvalSuite
 from psomerge.evaluation import evaluate
 from psomerge.judges import ExactMatch, Example
 from psomerge.judges.exact_match import extract_choice, extract_number, normalize_text
-from psomerge.judges.generation import TransformersGenerator
+from psomerge.generation.transformers_backend import TransformersGenerator
 
 
 def test_normalisers():
@@ -24,10 +24,10 @@ def test_normalisers():
 
 def test_exact_match_scores():
     exs = [Example("0", "q", "42"), Example("1", "q", "42"), Example("2", "q", "")]
-    assert [s.value for s in ExactMatch("number").score(exs, ["it is 42", "41", ""])] == [1.0, 0.0, 0.0]
-    assert [s.value for s in ExactMatch("none").score(exs[:2], ["42", " 42 "])] == [1.0, 1.0]
+    assert [s.value for s in ExactMatch(normalizer="number").score(exs, ["it is 42", "41", ""])] == [1.0, 0.0, 0.0]
+    assert [s.value for s in ExactMatch(normalizer="none").score(exs[:2], ["42", " 42 "])] == [1.0, 1.0]
     with pytest.raises(ConfigError, match="normalizer"):
-        ExactMatch("fuzzy")
+        ExactMatch(normalizer="fuzzy")
 
 
 def _suite(n=50, **kw):

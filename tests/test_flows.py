@@ -14,7 +14,7 @@ import yaml
 from mlflow import MlflowClient
 from transformers import AutoModelForCausalLM
 
-from psomerge.registry import tracking
+from psomerge.tracking import registry as tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def write_config(path, char_family, name, steps=2, optimizer="pso", runner=None,
                     "judge": {"type": "exact_match", "normalizer": "none"}} for n, p in data.items()],
         "generation": {"max_new_tokens": 6, "batch_size": 64},
         "optimizer": {"type": optimizer, "steps": steps},
-        "registry": {"model_name": f"{name}-model", "baselines": list(baselines)},
+        "registry": {"model_name": f"{name}-model"}, "baselines": list(baselines),
     }
     if runner:
         cfg["runner"] = runner
@@ -43,17 +43,18 @@ def home(tmp_path, monkeypatch):
 
 
 def test_pso_flow_tracks_registers_and_promotes(tmp_path, home, char_family):
-    from psomerge.flows.pso import pso_merge
+    from psomerge.orchestration.flows import pso_merge
 
     cfg = write_config(tmp_path / "run.yaml", char_family, "flow")
     summary = pso_merge(str(cfg))
-    assert list(summary["heldout"]) == ["base", "expert:e0", "expert:e1", "average", "psomerge:pso"]
-    assert summary["counts"]["fitness_calls"] == 5 * 3
-    assert summary["version"] == "1" and summary["promotion"]["promoted"]
+    assert [r.label for r in summary.rows] == ["base", "expert:e0", "expert:e1", "average", "psomerge:pso"]
+    assert summary.counts.fitness_calls == 5 * 3
+    reg = summary.registration
+    assert reg.version == "1" and reg.promotion["promoted"]
 
     tracking.configure("psomerge")
     client = MlflowClient()
-    run = client.get_run(summary["run_id"])
+    run = client.get_run(reg.run_id)
     assert run.data.params["optimizer.type"] == "pso"
     assert len(client.get_metric_history(run.info.run_id, "best_fitness")) == 3  # steps 0..2
     for name in ("best_addition", "mean_fitness", "std_fitness", "scorings", "cache_hits"):
@@ -64,14 +65,14 @@ def test_pso_flow_tracks_registers_and_promotes(tmp_path, home, char_family):
     assert [c.info.run_name for c in children] == ["baseline:average"]
     version = client.get_model_version_by_alias("flow-model", "champion")
     assert str(version.version) == "1" and "base" in version.tags and "config_hash" in version.tags
-    assert float(version.tags["heldout_score"]) == pytest.approx(summary["heldout"]["psomerge:pso"]["weighted_mean"])
+    assert float(version.tags["heldout_score"]) == pytest.approx(summary.rows[-1].heldout.fitness)
     local = tracking.download("models:/flow-model@champion", tmp_path / "dl")
     AutoModelForCausalLM.from_pretrained(local)
 
     # a second run of the same config scores nothing new
     again = pso_merge(str(cfg))
-    assert again["counts"]["scorings"] == 0 and again["counts"]["cache_hits"] == again["counts"]["fitness_calls"]
-    assert again["version"] == "2" and not again["promotion"]["promoted"]  # a tie never promotes
+    assert again.counts.scorings == 0 and again.counts.cache_hits == again.counts.fitness_calls
+    assert again.registration.version == "2" and not again.registration.promotion["promoted"]  # a tie never promotes
 
 
 def _register(name, score, tmp_path, tag=True):
@@ -118,9 +119,10 @@ fitness.ParticleEvaluator.__call__ = _dying
 
 def _flow_subprocess(cfg, home, resume=False, kill_at=None):
     code = (KILL_AT.format(n=kill_at) if kill_at else "") + (
-        "import sys, json; from psomerge.flows.pso import pso_merge\n"
-        f"s = pso_merge({str(cfg)!r}, resume={resume}); print('SUMMARY' + json.dumps(s['counts']) + "
-        "'|' + repr(s['best_fitness']))")
+        "import sys, json; from psomerge.orchestration.settings import apply_defaults; apply_defaults()\n"
+        "from psomerge.orchestration.flows import pso_merge\n"
+        f"s = pso_merge({str(cfg)!r}, resume={resume}); print('SUMMARY' + json.dumps(s.counts.as_dict()) + "
+        "'|' + repr(s.best_fitness))")
     return subprocess.Popen([sys.executable, "-c", code], env=_isolated_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
@@ -203,10 +205,11 @@ def test_flow_on_two_worker_dask_cluster(tmp_path, char_family):
     try:
         cfg = write_config(tmp_path / "run.yaml", char_family, "dask", steps=1, baselines=(),
                            runner={"type": "dask", "max_workers": 2})
-        code = ("import json; from psomerge.flows.pso import run_pso_flow\n"
+        code = ("import json; from psomerge.orchestration.settings import apply_defaults; apply_defaults()\n"
+                "from psomerge.orchestration.flows import run_flow\n"
                 "if __name__ == '__main__':\n"
-                f"    s = run_pso_flow({str(cfg)!r})\n"
-                "    print('SUMMARY' + json.dumps(s['counts']) + '|' + repr(s['best_fitness']))\n")
+                f"    s = run_flow({str(cfg)!r})\n"
+                "    print('SUMMARY' + json.dumps(s.counts.as_dict()) + '|' + repr(s.best_fitness))\n")
         script = tmp_path / "run_dask.py"
         script.write_text(code)
         run_env = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
@@ -241,7 +244,7 @@ def test_mlflow_tracking_server_on_loopback(tmp_path, monkeypatch):
 
 
 def test_deployment_carries_the_cron_schedule(tmp_path, char_family):
-    from psomerge.flows.pso import pso_merge
+    from psomerge.orchestration.flows import pso_merge
 
     cfg = write_config(tmp_path / "run.yaml", char_family, "nightly")
     deployment = pso_merge.to_deployment(name="nightly", cron="0 3 * * *", parameters={"config_path": str(cfg)})
@@ -252,7 +255,7 @@ def test_deployment_carries_the_cron_schedule(tmp_path, char_family):
 
 def test_flow_with_llm_judge_reports_judge_usage(tmp_path, home, char_family):
     from chat_server import ChatServer
-    from psomerge.flows.pso import pso_merge
+    from psomerge.orchestration.flows import pso_merge
 
     path = write_config(tmp_path / "run.yaml", char_family, "judged", steps=1, baselines=())
     cfg = yaml.safe_load(path.read_text())
@@ -260,10 +263,10 @@ def test_flow_with_llm_judge_reports_judge_usage(tmp_path, home, char_family):
         cfg["suites"][0]["judge"] = {"type": "llm", "model": "judge", "base_url": server.url, "scale": [1, 10],
                                      "price_per_mtok_prompt": 1.0}
         path.write_text(yaml.safe_dump(cfg))
-        first = pso_merge(str(path))["counts"]
-        assert first["judge_calls"] == len(server.requests) > 0
-        assert first["judge_tokens"] == 13 * first["judge_calls"]  # the server reports 10 + 3 tokens a call
-        assert first["judge_cost"] == pytest.approx(10 * first["judge_calls"] / 1e6)
-        assert first["judge_cache_hits"] >= 0 and "generated_tokens" in first
-        again = pso_merge(str(path))["counts"]
-        assert again["judge_calls"] == 0 and again["scorings"] == 0
+        first = pso_merge(str(path)).counts
+        assert first.judge_calls == len(server.requests) > 0
+        assert first.judge_tokens == 13 * first.judge_calls  # the server reports 10 + 3 tokens a call
+        assert first.judge_cost == pytest.approx(10 * first.judge_calls / 1e6)
+        assert first.judge_cache_hits >= 0 and first.generated_tokens > 0
+        again = pso_merge(str(path)).counts
+        assert again.judge_calls == 0 and again.scorings == 0

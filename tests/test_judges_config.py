@@ -6,26 +6,34 @@ import pytest
 import yaml
 
 from chat_server import ChatServer
-from psomerge.api import load_suites
 from psomerge.config import RunConfig
 from psomerge.errors import ConfigError
-from psomerge.evalsuite import read_records
+from psomerge.evaluation.suite import EvalSuite, read_records
 from psomerge.judges import ExactMatch
 from psomerge.judges.code_exec import CodeExec
 from psomerge.judges.llm import LLMJudge
-from psomerge.judges.registry import make_scorer
+from psomerge.judges.factory import JudgeSettings, make_scorer
+from psomerge.yamlconfig import StrictModel, validate
 
 RECORDS = [{"id": i, "question": f"{i}+{i}=", "answer": str(2 * i)} for i in range(20)]
 
 
+class _Judged(StrictModel):
+    judge: JudgeSettings
+
+
+def judge(data: dict, source: str = "x.yaml"):
+    return make_scorer(validate(_Judged, {"judge": data}, source).judge)
+
+
 def test_make_scorer_by_name_with_clear_errors():
-    assert isinstance(make_scorer({"type": "exact_match", "normalizer": "number"}), ExactMatch)
-    assert isinstance(make_scorer({"type": "code_exec", "timeout": 2}), CodeExec)
-    assert isinstance(make_scorer({"type": "llm", "model": "m", "base_url": "http://127.0.0.1:9/v1"}), LLMJudge)
-    with pytest.raises(ConfigError, match=r"x.yaml: suites\[0\].judge.type: 'bleu'.*code_exec, exact_match, llm"):
-        make_scorer({"type": "bleu"}, where="x.yaml: suites[0].judge")
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['temprature'\]"):
-        make_scorer({"type": "llm", "model": "m", "temprature": 0})
+    assert isinstance(judge({"type": "exact_match", "normalizer": "number"}), ExactMatch)
+    assert isinstance(judge({"type": "code_exec", "timeout": 2}), CodeExec)
+    assert isinstance(judge({"type": "llm", "model": "m", "base_url": "http://127.0.0.1:9/v1"}), LLMJudge)
+    with pytest.raises(ConfigError, match=r"x.yaml: key 'judge.type': .*'bleu'.*code_exec, exact_match, llm"):
+        judge({"type": "bleu"})
+    with pytest.raises(ConfigError, match=r"x.yaml: key 'judge.temprature': Extra inputs are not permitted"):
+        judge({"type": "llm", "model": "m", "temprature": 0})
 
 
 def test_dataset_formats_read_the_same_records(tmp_path):
@@ -55,13 +63,14 @@ def test_switching_judges_is_a_yaml_change(tmp_path, monkeypatch):
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in RECORDS))
     suite = {"name": "double", "dataset": str(data), "optimisation_size": 5, "heldout_size": 10}
-    base = {"base": "b", "experts": ["e"], "suites": [suite]}
+    (tmp_path / "b").mkdir()
+    base = {"base": str(tmp_path / "b"), "experts": [str(tmp_path / "b")], "suites": [suite]}
     with ChatServer() as server:
         for judge, cls in [({"type": "exact_match", "normalizer": "number"}, ExactMatch),
                            ({"type": "llm", "model": "judge", "base_url": server.url, "scale": [1, 10]}, LLMJudge)]:
             path = tmp_path / "run.yaml"
             path.write_text(yaml.safe_dump({**base, "suites": [{**suite, "judge": judge}]}))
-            [s] = load_suites(RunConfig.load(path).suites)
+            [s] = [EvalSuite.from_settings(x) for x in RunConfig.load(path).suites]
             assert isinstance(s.scorer, cls)
             examples = s.split("optimisation")
             answers = [e.answer for e in examples[:3]] + ["wrong", "wrong"]

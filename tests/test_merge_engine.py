@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from psomerge.demo.synthetic import make_family
+from psomerge.presets.synthetic import make_family
 from psomerge.errors import CheckpointError, ConfigError
 from psomerge.merging.engine import run_merge
 from psomerge.merging.recipe import MergeRecipe

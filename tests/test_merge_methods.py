@@ -77,6 +77,22 @@ def test_ties_hand_computed():
     assert torch.allclose(merge("ties", base, [e1, e2], w, normalize=False), T([3.0, -7.0, 3.5, -6.0]))
 
 
+def test_int8_mask_changes_memory_not_results():
+    torch.manual_seed(0)
+    base, experts = torch.randn(64, 32), [torch.randn(64, 32) for _ in range(3)]
+    params = [ModelParams(w, density=0.5) for w in (1.0, 0.5, 2.0)]
+    for name in ("ties", "dare_ties", "della"):
+        method = get_method(name)
+        outs = [method.merge(base, experts, params, MergeOptions(normalize=True, int8_mask=flag),
+                             [torch.Generator().manual_seed(i) for i in range(3)]) for flag in (False, True)]
+        assert torch.equal(outs[0], outs[1]), name
+    from psomerge.merging.recipe import MergeRecipe
+
+    recipe = MergeRecipe.from_dict({"merge_method": "ties", "base_model": "b", "parameters": {"int8_mask": True},
+                                    "models": [{"model": "x", "parameters": {"weight": 1, "density": 0.5}}]})
+    assert recipe.options("any.weight").int8_mask  # read, not ignored
+
+
 def test_dare_drop_and_inverse_rescale():
     delta = torch.arange(1.0, 1001.0)
     assert torch.equal(dare(delta, 0.0, generator(0, "x")), delta)  # p = 0: identity

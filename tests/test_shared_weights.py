@@ -7,16 +7,15 @@ import torch
 from safetensors import safe_open
 from transformers import LlamaForCausalLM
 
-from psomerge.api import Workspace
 from psomerge.config import RunConfig
 from psomerge.errors import ConfigError
 from psomerge.io.shared_weights import SharedWeights
-from psomerge.swarm import BasisSpec, build_basis
+from psomerge.swarm import BasisSettings, build_basis
 
 
 def test_particle_written_into_shared_file_equals_resident_model(family, tmp_path):
     base, experts = family
-    basis = build_basis(base, experts, tmp_path / "basis", BasisSpec(granularity="layer"))
+    basis = build_basis(base, experts, tmp_path / "basis", BasisSettings(granularity="layer"))
     model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
     plan = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     rng = np.random.default_rng(0)
@@ -51,13 +50,12 @@ def test_particle_written_into_shared_file_equals_resident_model(family, tmp_pat
 def test_vllm_backend_without_its_environment_is_a_named_config_error(char_family, tmp_path, monkeypatch):
     root, experts, data = char_family
     monkeypatch.setenv("PSOMERGE_HOME", str(tmp_path))
-    cfg = RunConfig.from_dict({
-        "base": str(root / "base"), "experts": [str(e) for e in experts],
-        "suites": [{"name": n, "dataset": str(p)} for n, p in data.items()],
-        "generation": {"backend": "vllm", "vllm": {"python": str(tmp_path / "no-venv" / "bin" / "python")}},
-    }, source="run.yaml")
     with pytest.raises(ConfigError, match=r"run.yaml: generation.vllm.python: .*no-venv.*make vllm-env"):
-        Workspace(cfg)
+        RunConfig.from_dict({
+            "base": str(root / "base"), "experts": [str(e) for e in experts],
+            "suites": [{"name": n, "dataset": str(p)} for n, p in data.items()],
+            "generation": {"backend": "vllm", "vllm": {"python": str(tmp_path / "no-venv" / "bin" / "python")}},
+        }, source="run.yaml")
     assert not (tmp_path / "cache" / "basis").exists()  # failed before any work
 
 
@@ -65,9 +63,10 @@ def test_backend_is_part_of_the_cache_key(char_family):
     root, experts, data = char_family
     base = {"base": str(root / "base"), "experts": [str(e) for e in experts],
             "suites": [{"name": n, "dataset": str(p)} for n, p in data.items()]}
-    keys = {RunConfig.from_dict({**base, "generation": g}).generation.cache_config()["backend"]
+    keys = {RunConfig.from_dict({**base, "generation": g}, check_paths=False).generation.cache_config()["backend"]
             for g in ({}, {"backend": "vllm"})}
     assert keys == {"transformers", "vllm"}
     t = RunConfig.from_dict(base).generation.cache_config()
-    v = RunConfig.from_dict({**base, "generation": {"backend": "vllm", "vllm": {"dtype": "bfloat16"}}})
+    v = RunConfig.from_dict({**base, "generation": {"backend": "vllm", "vllm": {"dtype": "bfloat16"}}},
+                            check_paths=False)
     assert v.generation.cache_config() != t and v.generation.cache_config()["dtype"] == "bfloat16"

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from psomerge.demo.smollm2 import (
+from psomerge.presets.smollm2 import (
     GGUF_FILE, GGUF_PACKAGE, SmolSpec, build_smollm2, iso_code_records, package_file, sentiment_records,
     smollm2_run_config,
 )
@@ -56,16 +56,16 @@ def test_gguf_base_converted_to_plain_safetensors(smol):
 
 
 def test_preset_experts_merge_through_a_swarm_run(smol, monkeypatch):
-    from psomerge.api import run_swarm
+    from psomerge.pipeline import run_swarm
 
     root, assets = smol
     monkeypatch.setenv("PSOMERGE_HOME", str(root))
     assert set(assets.experts) == {"sentiment", "iso_code"}
     for expert in assets.experts.values():  # fine-tuned: different weights from the base
         assert (expert / "model.safetensors").stat().st_size > 500e6
-    cfg = smollm2_run_config(assets, TINY, "pso", steps=1)
+    cfg = smollm2_run_config(assets, TINY, "pso", steps=1, baselines=[])
     run = run_swarm(cfg)
-    assert run.counts["scorings"] == run.counts["fitness_calls"] - run.counts["cache_hits"] > 0
+    assert run.counts.scorings == run.counts.fitness_calls - run.counts.cache_hits > 0
     assert [label for label, _ in run.heldout] == ["base", "expert:sentiment", "expert:iso_code", "psomerge:pso"]
     for _, result in run.heldout:
         assert set(result.scores) == {"sentiment", "iso_code"}

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from psomerge.swarm import (
-    CMAES, CMAESConfig, FitnessCache, ModelSwarms, ModelSwarmsConfig, PSOConfig, PSOMerging, BasisSpec,
+    CMAES, CMAESSettings, FitnessCache, ModelSwarms, ModelSwarmsSettings, PSOSettings, PSOMerging, BasisSettings,
     build_basis, particle_key, run_optimizer,
 )
 from psomerge.swarm.basis import tensor_groups
@@ -30,9 +30,9 @@ def start_best():
 
 
 @pytest.mark.parametrize("make", [
-    lambda: PSOMerging(K, 1, PSOConfig(steps=10)),
-    lambda: ModelSwarms(K, 1, ModelSwarmsConfig(steps=10)),
-    lambda: CMAES(K, 1, CMAESConfig(budget=77, popsize=7)),
+    lambda: PSOMerging(K, 1, PSOSettings(steps=10)),
+    lambda: ModelSwarms(K, 1, ModelSwarmsSettings(steps=10)),
+    lambda: CMAES(K, 1, CMAESSettings(budget=77, popsize=7)),
 ])
 def test_each_optimiser_improves_and_keeps_positions_affine(make):
     opt = make()
@@ -44,14 +44,14 @@ def test_each_optimiser_improves_and_keeps_positions_affine(make):
 
 
 def test_pso_reaches_the_optimum():
-    cfg = PSOConfig(steps=100, inertia=0.7, cognitive=1.5, social=1.5, extra_particles=14)
+    cfg = PSOSettings(steps=100, inertia=0.7, cognitive=1.5, social=1.5, extra_particles=14)
     result = run_optimizer(PSOMerging(K, 1, cfg), sphere)
     assert np.abs(result.best_position - TARGET).max() < 1e-2
 
 
 def test_pso_paper_defaults_and_particle_count():
-    opt = PSOMerging(K, 1, PSOConfig(steps=5))
-    assert (opt.config.inertia, opt.config.cognitive, opt.config.social) == (0.2, 2.0, 2.0)
+    opt = PSOMerging(K, 1, PSOSettings(steps=5))
+    assert (opt.settings.inertia, opt.settings.cognitive, opt.settings.social) == (0.2, 2.0, 2.0)
     first = opt.ask()
     assert len(first) == K and all(np.array_equal(x, np.eye(K)[i][None]) for i, x in enumerate(first))
     assert np.all(opt.v == 0)
@@ -61,7 +61,7 @@ def test_velocity_clamp_and_bounds_keep_affine():
     x = np.array([[1.5, -0.8, 0.3]])
     y = project_bounds(x, -0.2, 1.0)
     assert np.isclose(y.sum(), 1.0) and y.min() >= -0.2 - 1e-9 and y.max() <= 1.0 + 1e-9
-    opt = PSOMerging(K, 2, PSOConfig(steps=3, velocity_clamp=0.1, bounds=(-0.5, 1.5)))
+    opt = PSOMerging(K, 2, PSOSettings(steps=3, velocity_clamp=0.1, bounds=(-0.5, 1.5)))
     result = run_optimizer(opt, lambda x: CachedFitness(-float(((x - TARGET) ** 2).sum()), {}, {}))
     assert np.abs(opt.v).max() <= 0.1 + 1e-9
     assert np.allclose(result.best_position.sum(axis=1), 1.0)
@@ -86,7 +86,7 @@ def _flat(model):
 
 def test_coefficient_pso_equals_dense_pso_on_weights(tmp_path, family):
     base, experts = family
-    basis = build_basis(base, experts, tmp_path / "basis", BasisSpec(drop_rate=0.8, seed=1))
+    basis = build_basis(base, experts, tmp_path / "basis", BasisSettings(drop_rate=0.8, seed=1))
     assert basis.k == 7 and basis.labels[0] == "base"
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     dense_basis = []
@@ -103,7 +103,7 @@ def test_coefficient_pso_equals_dense_pso_on_weights(tmp_path, family):
         basis.materialise(x, model)
         return CachedFitness(weights_fitness(_flat(model)), {}, {})
 
-    cfg = PSOConfig(steps=4, seed=3)
+    cfg = PSOSettings(steps=4, seed=3)
     opt = PSOMerging(basis.k, 1, cfg)
     run_optimizer(opt, coeff_fitness)
 
@@ -134,7 +134,7 @@ def test_coefficient_pso_equals_dense_pso_on_weights(tmp_path, family):
 
 def test_materialise_matches_weighted_sum_and_dare_members(tmp_path, family):
     base, experts = family
-    basis = build_basis(base, experts, tmp_path / "b", BasisSpec(drop_rate=0.8, seed=0), storage="mmap")
+    basis = build_basis(base, experts, tmp_path / "b", BasisSettings(drop_rate=0.8, seed=0, storage="mmap"))
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     alpha = np.array([[0.4, 0.2, 0.2, 0.1, 0.05, 0.05, 0.0]])
     basis.materialise(alpha, model)
@@ -148,9 +148,9 @@ def test_materialise_matches_weighted_sum_and_dare_members(tmp_path, family):
     kept = delta != 0
     assert 0.1 < kept.float().mean() < 0.3
     assert torch.allclose(delta[kept], 5 * expert_delta[kept], atol=1e-5)
-    again = build_basis(base, experts, tmp_path / "b", BasisSpec(drop_rate=0.8, seed=0), storage="mmap")
+    again = build_basis(base, experts, tmp_path / "b", BasisSettings(drop_rate=0.8, seed=0, storage="mmap"))
     assert again.fingerprint == basis.fingerprint  # reused, not rebuilt
-    assert build_basis(base, experts, tmp_path / "b", BasisSpec(drop_rate=0.8, seed=1)).fingerprint != basis.fingerprint
+    assert build_basis(base, experts, tmp_path / "b", BasisSettings(drop_rate=0.8, seed=1)).fingerprint != basis.fingerprint
 
 
 # -- fitness cache --------------------------------------------------------------------
@@ -183,12 +183,12 @@ class CountingFitness:
 def test_identical_particles_are_never_scored_twice(tmp_path):
     cache = FitnessCache(tmp_path / "f.sqlite")
     first = CountingFitness(cache)
-    r1 = run_optimizer(PSOMerging(K, 1, PSOConfig(steps=3)), first)
+    r1 = run_optimizer(PSOMerging(K, 1, PSOSettings(steps=3)), first)
     # a particle sitting at the global best with zero velocity stays put: a hit within the run
     assert first.scorings == len(cache) and first.scorings + cache.hits == r1.evaluations
     assert cache.hits > 0
     again = CountingFitness(FitnessCache(tmp_path / "f.sqlite"))  # a later run, same file
-    r2 = run_optimizer(PSOMerging(K, 1, PSOConfig(steps=3)), again)
+    r2 = run_optimizer(PSOMerging(K, 1, PSOSettings(steps=3)), again)
     assert again.scorings == 0 and again.cache.hits == r2.evaluations
     assert r2.best_fitness == r1.best_fitness
 
@@ -222,9 +222,9 @@ class Killed(Exception):
 
 
 @pytest.mark.parametrize("make, max_bytes", [
-    (lambda: PSOMerging(K, 2, PSOConfig(steps=6, seed=4)), 12_000),
-    (lambda: ModelSwarms(K, 2, ModelSwarmsConfig(steps=6, seed=4, early_stop=99)), 12_000),
-    (lambda: CMAES(K, 2, CMAESConfig(budget=49, popsize=7, seed=4)), 64_000),  # pickled covariance state
+    (lambda: PSOMerging(K, 2, PSOSettings(steps=6, seed=4)), 12_000),
+    (lambda: ModelSwarms(K, 2, ModelSwarmsSettings(steps=6, seed=4, early_stop=99)), 12_000),
+    (lambda: CMAES(K, 2, CMAESSettings(budget=49, popsize=7, seed=4)), 64_000),  # pickled covariance state
 ])
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, make, max_bytes):
     full = CountingFitness(FitnessCache(tmp_path / "full.sqlite"))
@@ -255,10 +255,10 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, make, max_bytes):
 
 def test_storage_layouts_agree(tmp_path, family):
     base, experts = family
-    spec = BasisSpec(drop_rate=0.8, seed=2, granularity="layer")
-    ram = build_basis(base, experts, tmp_path / "b", spec, storage="compact")
-    mapped = build_basis(base, experts, tmp_path / "b", spec, storage="mmap")
-    dense = build_basis(base, experts, tmp_path / "b", spec, storage="ram")
+    spec = BasisSettings(drop_rate=0.8, seed=2, granularity="layer")
+    ram = build_basis(base, experts, tmp_path / "b", spec.model_copy(update={"storage": "compact"}))
+    mapped = build_basis(base, experts, tmp_path / "b", spec.model_copy(update={"storage": "mmap"}))
+    dense = build_basis(base, experts, tmp_path / "b", spec.model_copy(update={"storage": "ram"}))
     dense_bytes = sum(ram.members[0].info(n).numel * 4 for n in ram.names) * ram.k
     assert dense.nbytes() == dense_bytes
     assert ram.nbytes() < 0.8 * dense_bytes  # DARE members held sparse

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="vLLM environme
 def test_llm_judge_through_vllm_server(tmp_path):
     from transformers import LlamaForCausalLM
 
-    from psomerge.demo.charlm import char_tokenizer, tiny_llama_config
-    from psomerge.demo.tasks import ALPHABET
+    from psomerge.presets.charlm import char_tokenizer, tiny_llama_config
+    from psomerge.presets.tiny_tasks import ALPHABET
     from psomerge.judges.llm import LLMJudge
     from psomerge.judges.protocol import Example
 
@@ -50,7 +50,7 @@ def _config(root, experts, data, tmp_path, backend: str, **generation):
         "suites": [{"name": n, "dataset": str(p), "optimisation_size": 12, "heldout_size": 12,
                     "judge": {"type": "exact_match", "normalizer": "none"}} for n, p in data.items()],
         "generation": {"backend": backend, "max_new_tokens": 6, **generation},
-        "optimizer": {"type": "pso", "steps": 1},
+        "optimizer": {"type": "pso", "steps": 1}, "baselines": [],
         "output_dir": str(tmp_path / backend), "cache_path": str(tmp_path / "fitness.sqlite"),
     })
 
@@ -70,33 +70,34 @@ def test_vllm_generation_backend_reloads_particles_into_one_engine(vllm_family, 
 
     import numpy as np
 
-    from psomerge.api import Workspace, run_swarm
-    from psomerge.judges.vllm_generation import VLLMWorkerError
+    from psomerge.generation.vllm_backend import VLLMWorkerError
+    from psomerge.pipeline import RunContext, run_swarm
+    from psomerge.swarm.fitness import load_particle
 
     root, experts, data = vllm_family
     monkeypatch.setenv("PSOMERGE_HOME", str(tmp_path))
     monkeypatch.setenv("PSOMERGE_VLLM_PYTHON", str(VLLM_PYTHON))
-    ws_t = Workspace(_config(root, experts, data, tmp_path, "transformers"))
+    ws_t = RunContext(_config(root, experts, data, tmp_path, "transformers"))
     cfg_v = _config(root, experts, data, tmp_path, "vllm", vllm={"dtype": "float32"})
-    ws_v = Workspace(cfg_v)
+    ws_v = RunContext(cfg_v)
     try:
         prompts = [ex.prompt for s in ws_t.suites for ex in s.split("optimisation")]
         rng = np.random.default_rng(0)
         particles = [np.eye(ws_v.basis.k)[[j]] for j in range(3)] + [rng.normal(0.3, 0.4, (1, ws_v.basis.k))]
         with ws_v.evaluator.resident() as rv, ws_t.evaluator.resident() as rt:
-            engine = rv.generator
+            engine = rv
             pid = engine._proc.pid
             for x in particles:
-                rv.load_particle(ws_v.basis, x)
-                rt.load_particle(ws_t.basis, x)
-                assert rv.generator.generate(prompts) == rt.generator.generate(prompts)
+                load_particle(rv, ws_v.basis, x)
+                load_particle(rt, ws_t.basis, x)
+                assert rv.generate(prompts) == rt.generate(prompts)
         assert engine._proc.pid == pid and engine.timings.pushes == len(particles)  # never restarted
         assert engine.timings.start_seconds > engine.timings.push_seconds / len(particles)
         assert engine.stats.new_tokens > 0
 
         # a whole run on the vLLM backend, with its own cache entries
-        run = run_swarm(cfg_v, workspace=ws_v)
-        assert run.counts["scorings"] > 0 and run.counts["generated_tokens"] > 0
+        run = run_swarm(cfg_v, context=ws_v)
+        assert run.counts.scorings > 0 and run.counts.generated_tokens > 0
         assert [label for label, _ in run.heldout][-1] == "psomerge:pso"
         assert len(ws_v.evaluator.residents) == 1 and engine.timings.pushes > len(particles)
 
@@ -105,14 +106,14 @@ def test_vllm_generation_backend_reloads_particles_into_one_engine(vllm_family, 
         with pytest.raises(VLLMWorkerError, match="exited"):
             engine.generate(prompts[:2])
     finally:
-        weights = ws_v.evaluator.residents[0].model.path if ws_v.evaluator.residents else None
+        weights = ws_v.evaluator.residents[0].weights.path if ws_v.evaluator.residents else None
         ws_v.close()
         ws_t.close()
     assert weights is None or not weights.exists()  # the shared file is removed with the engine
 
 
 def test_vllm_engine_that_cannot_start_names_the_model(vllm_family, tmp_path):
-    from psomerge.judges.vllm_generation import VLLMGenerator, VLLMWorkerError
+    from psomerge.generation.vllm_backend import VLLMGenerator, VLLMWorkerError
 
     root, _, _ = vllm_family
     with pytest.raises(VLLMWorkerError, match=r"(?s)failed to start.*max_model_len|failed to start.*max-model-len"):

@@ -2,7 +2,7 @@
 
 from psomerge.io.checkpoint import Checkpoint, TensorInfo
 from psomerge.io.validate import check_compatible, check_finite
-from psomerge.io.writer import StreamingSafetensorsWriter, copy_model_files
+from psomerge.io.writer import StreamingSafetensorsWriter, copy_model_files, write_checkpoint
 
 __all__ = [
     "Checkpoint",
@@ -11,4 +11,5 @@ __all__ = [
     "check_compatible",
     "check_finite",
     "copy_model_files",
+    "write_checkpoint",
 ]

@@ -8,16 +8,14 @@ writer. The layout is fixed at creation, so every particle reuses the same pages
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from psomerge.io.checkpoint import DTYPE_TO_SAFETENSORS
+from psomerge.io.layout import plan_file
 
 
 def shared_memory_dir() -> Path:
@@ -35,35 +33,21 @@ class SharedWeights(Mapping[str, torch.Tensor]):
 
     def __init__(self, plan: Sequence[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
                  directory: str | Path | None = None):
-        if dtype not in DTYPE_TO_SAFETENSORS:
-            raise ValueError(f"no safetensors dtype for {dtype}")
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        header: dict = {}
-        offset = 0
-        for name, shape in plan:
-            nbytes = itemsize * _numel(shape)
-            header[name] = {"dtype": DTYPE_TO_SAFETENSORS[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-        data_start = 8 + len(raw)
+        layout = plan_file([(name, shape, dtype) for name, shape in plan])
         fd, name = tempfile.mkstemp(prefix="psomerge-weights-", suffix=".safetensors",
                                     dir=directory or shared_memory_dir())
         self.path = Path(name)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(struct.pack("<Q", len(raw)))
-                f.write(raw)
-                f.truncate(data_start + offset)
-            storage = torch.from_file(str(self.path), shared=True, size=data_start + offset, dtype=torch.uint8)
+                f.write(layout.prefix)
+                f.truncate(layout.size)
+            storage = torch.from_file(str(self.path), shared=True, size=layout.size, dtype=torch.uint8)
         except BaseException:
             self.path.unlink(missing_ok=True)
             raise
-        self._tensors = {
-            n: storage[data_start + h["data_offsets"][0] : data_start + h["data_offsets"][1]].view(dtype).view(tuple(h["shape"]))
-            for n, h in header.items()
-        }
+        start = layout.data_start
+        self._tensors = {n: storage[start + s.offset: start + s.offset + s.nbytes].view(dtype).view(s.shape)
+                         for n, s in layout.slots.items()}
         self.dtype = dtype
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -79,10 +63,3 @@ class SharedWeights(Mapping[str, torch.Tensor]):
         """Remove the file (pages still mapped here are freed when the views go)."""
         self._tensors = {}
         self.path.unlink(missing_ok=True)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n

@@ -1,24 +1,28 @@
-"""Streaming sharded safetensors output.
+"""Streaming sharded safetensors output, written into place only when complete.
 
-The layout (shards, headers, offsets) is planned from the tensor names, shapes and
-dtypes before any data exists, so each merged tensor goes to its place on disk as soon
-as it is computed: a merge never holds more than one output tensor in memory (mergekit
-buffers a whole shard).
+The layout (shards, headers, offsets) is planned from the tensor names, shapes and dtypes
+before any data exists, so each computed tensor goes to its place on disk at once: a
+checkpoint is never held in memory (mergekit buffers a whole shard). ``write_checkpoint``
+is the one loop every producer of a checkpoint uses (static merges, a swarm's merged model,
+the DARE members of a basis); it stages the folder beside its destination and renames it
+into place at the end, so a crash, a full disk or an error never leaves a loadable half
+model, nor destroys a model already there.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import struct
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import stat
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from psomerge.errors import CheckpointError
-from psomerge.io.checkpoint import DTYPE_TO_SAFETENSORS, SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+from psomerge.io.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, Checkpoint
+from psomerge.io.layout import itemsize, numel, plan_file
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -34,14 +38,6 @@ TOKENIZER_FILES = (
 )
 
 
-@dataclass
-class _Shard:
-    file: str
-    header: dict = field(default_factory=dict)
-    data_start: int = 0
-    data_size: int = 0
-
-
 class StreamingSafetensorsWriter:
     """Writes tensors, in any order, into safetensors shards planned up front.
 
@@ -53,68 +49,59 @@ class StreamingSafetensorsWriter:
         out_dir: str | Path,
         plan: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
         max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        file_mode: int = 0o644,
     ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._where: dict[str, tuple[int, int, int, tuple[int, ...], torch.dtype]] = {}
-        shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
         shard_bytes = 0
         for name, shape, dtype in plan:
-            nbytes = _numel(shape) * _itemsize(dtype)
+            nbytes = numel(shape) * itemsize(dtype)
             if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
                 shards.append([])
                 shard_bytes = 0
-            shards[-1].append((name, tuple(shape), dtype, nbytes))
+            shards[-1].append((name, tuple(shape), dtype))
             shard_bytes += nbytes
-        self._shards: list[_Shard] = []
         n = len(shards)
+        self._files = []
+        self._where: dict[str, tuple[int, int]] = {}  # name -> (shard, absolute offset)
+        self._layouts = []
+        self._names: list[str] = []
         for i, entries in enumerate(shards):
             fname = SAFETENSORS_SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            shard = _Shard(fname)
-            offset = 0
-            header: dict = {"__metadata__": {"format": "pt"}}
-            for name, shape, dtype, nbytes in entries:
-                if dtype not in DTYPE_TO_SAFETENSORS:
-                    raise CheckpointError(f"tensor {name!r}: dtype {dtype} cannot be written")
-                header[name] = {
-                    "dtype": DTYPE_TO_SAFETENSORS[dtype],
-                    "shape": list(shape),
-                    "data_offsets": [offset, offset + nbytes],
-                }
-                self._where[name] = (i, offset, nbytes, shape, dtype)
-                offset += nbytes
-            raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)  # data stays 8-byte aligned
-            shard.header = header
-            shard.data_start = 8 + len(raw)
-            shard.data_size = offset
+            layout = plan_file(entries)
             path = self.out_dir / fname
-            with open(path, "wb") as f:
-                f.write(struct.pack("<Q", len(raw)))
-                f.write(raw)
-                f.truncate(shard.data_start + offset)
-            self._shards.append(shard)
-        self._files = [open(self.out_dir / s.file, "r+b") for s in self._shards]
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, file_mode)
+            f = os.fdopen(fd, "r+b")
+            f.write(layout.prefix)
+            f.truncate(layout.size)
+            self._files.append(f)
+            self._layouts.append(layout)
+            self._names.append(fname)
+            for name, slot in layout.slots.items():
+                self._where[name] = (i, layout.data_start + slot.offset)
         self._written: set[str] = set()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         try:
-            i, offset, nbytes, shape, dtype = self._where[name]
+            i, offset = self._where[name]
         except KeyError:
             raise CheckpointError(f"tensor {name!r} is not in the planned output") from None
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+        slot = self._layouts[i].slots[name]
+        if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
             raise CheckpointError(
-                f"tensor {name!r}: planned {list(shape)} {dtype}, got {list(tensor.shape)} {tensor.dtype}"
+                f"tensor {name!r}: planned {list(slot.shape)} {slot.dtype}, got {list(tensor.shape)} {tensor.dtype}"
             )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        assert data.nbytes == nbytes
         f = self._files[i]
-        f.seek(self._shards[i].data_start + offset)
+        f.seek(offset)
         f.write(memoryview(data))
         self._written.add(name)
 
     def close(self) -> None:
         for f in self._files:
+            f.flush()
+            os.fsync(f.fileno())
             f.close()
         self._files = []
         missing = sorted(set(self._where) - self._written)
@@ -122,10 +109,10 @@ class StreamingSafetensorsWriter:
             raise CheckpointError(
                 f"output {self.out_dir}: {len(missing)} planned tensor(s) never written, e.g. {missing[:3]}"
             )
-        if len(self._shards) > 1:
+        if len(self._layouts) > 1:
             index = {
-                "metadata": {"total_size": sum(s.data_size for s in self._shards)},
-                "weight_map": {n: self._shards[w[0]].file for n, w in self._where.items()},
+                "metadata": {"total_size": sum(layout.data_size for layout in self._layouts)},
+                "weight_map": {n: self._names[w[0]] for n, w in self._where.items()},
             }
             (self.out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
 
@@ -156,15 +143,72 @@ def copy_model_files(base_dir: str | Path, out_dir: str | Path, dtype: torch.dty
             shutil.copyfile(src, out_dir / fname)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+def write_checkpoint(
+    out_dir: str | Path,
+    reference: Checkpoint,
+    compute: Callable[[str], torch.Tensor | None],
+    *,
+    dtype: torch.dtype | None = None,
+    inputs: Sequence[Checkpoint] = (),
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    on_tensor: Callable[[str], None] | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a checkpoint shaped like ``reference`` to ``out_dir``, tensor by tensor.
+
+    Each floating tensor is ``compute(name)`` (fp32, or None to copy the reference's) cast to
+    ``dtype``, or to the reference's own dtype for that tensor when ``dtype`` is None;
+    integer tensors are copied from the reference. Config, generation config and tokenizer
+    come from the reference, plus ``extra_files`` (name -> text). The folder is written
+    beside ``out_dir`` and moved into place only when complete. Where any of ``inputs``
+    (and the reference) is not world-readable, neither is the output.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    names = reference.tensor_names
+    plan = []
+    for name in names:
+        info = reference.info(name)
+        floating = info.dtype.is_floating_point
+        plan.append((name, info.shape, (dtype or info.dtype) if floating else info.dtype))
+    private = _is_private([reference, *inputs])
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(mode=0o700 if private else 0o755)
+    try:
+        with StreamingSafetensorsWriter(staging, plan, max_shard_bytes, 0o600 if private else 0o644) as writer:
+            for name, _, out_dtype in plan:
+                value = compute(name) if out_dtype.is_floating_point else None
+                writer.write(name, (reference.get(name) if value is None else value).to(out_dtype))
+                if on_tensor:
+                    on_tensor(name)
+        copy_model_files(reference.path, staging, dtype or reference.dtype)
+        for fname, text in (extra_files or {}).items():
+            (staging / fname).write_text(text)
+        if private:
+            for f in staging.iterdir():
+                f.chmod(0o600)
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def _is_private(checkpoints: Sequence[Checkpoint]) -> bool:
+    return any(not (f.stat().st_mode & stat.S_IROTH) for c in checkpoints for f in c.weight_files())
 
 
-__all__ = ["StreamingSafetensorsWriter", "copy_model_files", "DEFAULT_SHARD_BYTES"]
+def _replace_dir(new: Path, dst: Path) -> None:
+    """Move a finished folder to ``dst``; a folder already there is replaced only now."""
+    if not dst.exists():
+        new.rename(dst)
+        return
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    dst.rename(old)
+    new.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["StreamingSafetensorsWriter", "copy_model_files", "write_checkpoint", "DEFAULT_SHARD_BYTES"]

@@ -1,6 +1,8 @@
-"""Scorers behind one small protocol, and generation backends."""
+"""Scorers behind one small protocol: exact match, code execution, LLM judges, plugins."""
 
-from psomerge.judges.exact_match import ExactMatch
-from psomerge.judges.protocol import Example, Score, Scorer
+from psomerge.judges.exact_match import ExactMatch, ExactMatchSettings
+from psomerge.judges.factory import JudgeSettings, make_scorer
+from psomerge.judges.protocol import Example, Score, Scorer, ScorerUsage
 
-__all__ = ["Example", "ExactMatch", "Score", "Scorer"]
+__all__ = ["Example", "ExactMatch", "ExactMatchSettings", "JudgeSettings", "Score", "Scorer", "ScorerUsage",
+           "make_scorer"]

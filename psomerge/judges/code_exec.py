@@ -25,10 +25,13 @@ import textwrap
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from psomerge.errors import ConfigError
-from psomerge.judges.protocol import Example, Score
+from pydantic import Field
+
+from psomerge.judges.protocol import Example, Score, ScorerBase
+from psomerge.templates import field_validator_for, fill
+from psomerge.yamlconfig import StrictModel, validate
 
 HUMANEVAL_TEMPLATE = "{prompt}{answer}\n\n{test}\n\ncheck({entry_point})\n"
 MBPP_TEMPLATE = "{answer}\n\n{test_setup_code}\n{tests}\n"
@@ -75,36 +78,43 @@ class RunOutcome:
     stderr: str
 
 
-@dataclass(frozen=True)
-class CodeExec:
+class CodeExecSettings(StrictModel):
+    type: Literal["code_exec"] = "code_exec"
+    program_template: str = HUMANEVAL_TEMPLATE
+    timeout: float = Field(5.0, gt=0)
+    memory_mb: int = Field(512, gt=0)
+    max_file_mb: int = Field(16, gt=0)
+    max_processes: int = Field(64, gt=0)
+    workers: int = Field(2, gt=0)
+    use_bwrap: bool = True
+
+    check_templates = field_validator_for("program_template")
+
+
+class CodeExec(ScorerBase):
     """pass@1 of (program template filled with the example's fields and the answer)."""
 
-    program_template: str = HUMANEVAL_TEMPLATE
-    timeout: float = 5.0
-    memory_mb: int = 512
-    max_file_mb: int = 16
-    max_processes: int = 64
-    workers: int = 2
-    use_bwrap: bool = True
-    name: str = "code_exec"
+    name = "code_exec"
+
+    def __init__(self, settings: CodeExecSettings | None = None, **fields: Any):
+        self.settings = settings or validate(CodeExecSettings, fields, "code_exec")
 
     def config(self) -> dict[str, Any]:
-        return {"type": self.name, "program_template": self.program_template, "timeout": self.timeout,
-                "memory_mb": self.memory_mb}
+        s = self.settings
+        return {"type": self.name, "program_template": s.program_template, "timeout": s.timeout,
+                "memory_mb": s.memory_mb}
 
     def program(self, example: Example, answer: str) -> str:
         fields = {"prompt": example.prompt, **example.fields, "answer": answer}
         if "test_list" in fields and "tests" not in fields:
             fields["tests"] = "\n".join(fields["test_list"])
         fields.setdefault("test_setup_code", "")
-        try:
-            return self.program_template.format(**fields)
-        except KeyError as exc:
-            raise ConfigError(f"code_exec: program_template names field {exc.args[0]!r}, missing in example {example.id!r}") from None
+        return fill(self.settings.program_template, fields, what="code_exec: program_template",
+                    record=f"example {example.id!r}")
 
     def score(self, examples: Sequence[Example], answers: Sequence[str]) -> list[Score]:
         programs = [self.program(ex, a) for ex, a in zip(examples, answers)]
-        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
+        with ThreadPoolExecutor(max_workers=self.settings.workers) as pool:
             outcomes = list(pool.map(self.run, programs))
         return [Score(float(o.status == "passed"), {"status": o.status, "stderr": o.stderr[-500:]}) for o in outcomes]
 
@@ -120,7 +130,7 @@ class CodeExec:
             if drop_to_nobody:
                 os.chown(workdir, NOBODY, NOBODY)
             cmd = [python, "-I", "-S", "-B", "guard.py"]
-            bwrap = shutil.which("bwrap") if self.use_bwrap else None
+            bwrap = shutil.which("bwrap") if self.settings.use_bwrap else None
             if bwrap:
                 cmd = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
                        "--bind", workdir, workdir, "--chdir", workdir, "--unshare-net", "--unshare-pid",
@@ -130,7 +140,7 @@ class CodeExec:
                                     stderr=subprocess.PIPE, start_new_session=True,
                                     preexec_fn=self._limits(os.geteuid() == 0, drop_to_nobody))
             try:
-                _, err = proc.communicate(timeout=self.timeout)
+                _, err = proc.communicate(timeout=self.settings.timeout)
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
                 proc.communicate()
@@ -142,10 +152,10 @@ class CodeExec:
             shutil.rmtree(workdir, ignore_errors=True)
 
     def _limits(self, as_root: bool, drop_to_nobody: bool):
-        cpu = int(self.timeout) + 1
-        mem = self.memory_mb * 1024**2
-        fsize = self.max_file_mb * 1024**2
-        nproc = self.max_processes
+        cpu = int(self.settings.timeout) + 1
+        mem = self.settings.memory_mb * 1024**2
+        fsize = self.settings.max_file_mb * 1024**2
+        nproc = self.settings.max_processes
 
         def apply() -> None:  # runs in the child between fork and exec
             if as_root:

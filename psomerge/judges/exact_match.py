@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from psomerge.errors import ConfigError
-from psomerge.judges.protocol import Example, Score
+from psomerge.judges.protocol import Example, Score, ScorerBase
+from psomerge.yamlconfig import StrictModel, validate
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -52,22 +51,22 @@ NORMALIZERS: dict[str, Callable[[str], str]] = {
 }
 
 
-@dataclass(frozen=True)
-class ExactMatch:
+class ExactMatchSettings(StrictModel):
+    type: Literal["exact_match"] = "exact_match"
+    normalizer: Literal["none", "text", "number", "choice"] = "text"
+
+
+class ExactMatch(ScorerBase):
     """1.0 when the normalised answer equals the normalised reference."""
 
-    normalizer: str = "text"
-    name: str = "exact_match"
+    name = "exact_match"
 
-    def __post_init__(self) -> None:
-        if self.normalizer not in NORMALIZERS:
-            raise ConfigError(
-                f"exact_match: normalizer {self.normalizer!r} is not one of {sorted(NORMALIZERS)}"
-            )
+    def __init__(self, settings: ExactMatchSettings | None = None, **fields: Any):
+        self.settings = settings or validate(ExactMatchSettings, fields, "exact_match")
 
     def config(self) -> dict[str, Any]:
-        return {"type": self.name, "normalizer": self.normalizer}
+        return {"type": self.name, "normalizer": self.settings.normalizer}
 
     def score(self, examples: Sequence[Example], answers: Sequence[str]) -> list[Score]:
-        norm = NORMALIZERS[self.normalizer]
+        norm = NORMALIZERS[self.settings.normalizer]
         return [Score(float(norm(a) == norm(ex.answer) and norm(ex.answer) != "")) for ex, a in zip(examples, answers)]

@@ -8,20 +8,23 @@ answers them.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from psomerge.errors import ConfigError, PsomergeError
-from psomerge.judges.protocol import Example, Score
+from pydantic import Field, field_validator
+
+from psomerge.errors import PsomergeError
+from psomerge.hashing import digest
+from psomerge.judges.protocol import Example, Score, ScorerUsage
 from psomerge.kvstore import SqliteKV
+from psomerge.templates import field_validator_for, fill
+from psomerge.yamlconfig import StrictModel, validate
 
 DEFAULT_TEMPLATE = (
     "You are grading an answer to a task.\n\nTask:\n{prompt}\n\nReference answer:\n{reference}\n\n"
@@ -59,38 +62,47 @@ class JudgeStats:
     errors: int = 0
 
 
-@dataclass
-class LLMJudge:
+class LLMJudgeSettings(StrictModel):
+    type: Literal["llm"] = "llm"
     model: str
     base_url: str = "https://api.openai.com/v1"
     api_key_env: str = "OPENAI_API_KEY"
     template: str = DEFAULT_TEMPLATE
     scale: tuple[float, float] = (1.0, 10.0)
     temperature: float = 0.0
-    max_tokens: int = 16
-    concurrency: int = 8
-    max_retries: int = 3  # the client's retries with backoff on 408/409/429/5xx and timeouts
-    timeout: float = 30.0
+    max_tokens: int = Field(16, gt=0)
+    concurrency: int = Field(8, gt=0)
+    max_retries: int = Field(3, ge=0)  # the client's retries with backoff on 408/409/429/5xx and timeouts
+    timeout: float = Field(30.0, gt=0)
     on_unparseable: Literal["retry", "zero", "fail"] = "retry"
-    parse_retries: int = 2
-    price_per_mtok_prompt: float = 0.0
-    price_per_mtok_completion: float = 0.0
-    cache_path: Path | None = None
+    parse_retries: int = Field(2, ge=0)
+    price_per_mtok_prompt: float = Field(0.0, ge=0)
+    price_per_mtok_completion: float = Field(0.0, ge=0)
     serve: dict[str, Any] | None = None  # start a vLLM server: {model_path, python, ...} (VLLMServer's keys)
-    name: str = "llm"
-    stats: JudgeStats = field(default_factory=JudgeStats)
 
-    def __post_init__(self) -> None:
-        self.scale = (float(self.scale[0]), float(self.scale[1]))  # YAML gives a list
-        if self.cache_path is not None:
-            self.cache_path = Path(self.cache_path)
-        if self.on_unparseable not in ("retry", "zero", "fail"):
-            raise ConfigError(f"llm judge: on_unparseable {self.on_unparseable!r} is not retry, zero or fail")
-        low, high = self.scale
-        if not low < high:
-            raise ConfigError(f"llm judge: scale {self.scale} needs low < high")
+    check_templates = field_validator_for("template")
+
+    @field_validator("scale")
+    @classmethod
+    def _low_below_high(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        if not scale[0] < scale[1]:
+            raise ValueError(f"scale {list(scale)} needs low < high")
+        return scale
+
+
+class LLMJudge:
+    """Scores answers with an LLM behind an OpenAI-compatible endpoint; ``cache_path`` is
+    the persistent judge cache shared across particles and runs."""
+
+    name = "llm"
+
+    def __init__(self, settings: LLMJudgeSettings | None = None, *, cache_path: str | Path | None = None,
+                 **fields: Any):
+        self.settings = settings or validate(LLMJudgeSettings, fields, "llm judge")
+        self.base_url = self.settings.base_url  # a served judge replaces it with its own address
+        self.stats = JudgeStats()
         self._lock = threading.Lock()
-        self._cache = SqliteKV(self.cache_path, "judge_cache") if self.cache_path else None
+        self._cache = SqliteKV(cache_path, "judge_cache") if cache_path else None
         self._client = None
         self._server = None
 
@@ -100,13 +112,14 @@ class LLMJudge:
             if self._client is None:
                 from openai import OpenAI  # optional dependency: psomerge[judges]
 
-                if self.serve is not None:
+                s = self.settings
+                if s.serve is not None:
                     from psomerge.judges.vllm_server import VLLMServer
 
-                    self._server = VLLMServer(**{"served_name": self.model, **self.serve}).start()
+                    self._server = VLLMServer(**{"served_name": s.model, **s.serve}).start()
                     self.base_url = self._server.url
-                self._client = OpenAI(base_url=self.base_url, api_key=os.environ.get(self.api_key_env) or "none",
-                                      max_retries=self.max_retries, timeout=self.timeout)
+                self._client = OpenAI(base_url=self.base_url, api_key=os.environ.get(s.api_key_env) or "none",
+                                      max_retries=s.max_retries, timeout=s.timeout)
             return self._client
 
     def close(self) -> None:
@@ -116,23 +129,25 @@ class LLMJudge:
             self._server = None
             self._client = None
 
+    def usage(self) -> ScorerUsage:
+        st = self.stats
+        return ScorerUsage(st.requests, st.cache_hits + st.deduplicated, st.prompt_tokens + st.completion_tokens,
+                           st.cost)
+
     def config(self) -> dict[str, Any]:
         """What changes a verdict (the endpoint does not: equal models behind two URLs agree)."""
-        return {"type": self.name, "model": self.model, "template": self.template, "scale": list(self.scale),
-                "temperature": self.temperature, "max_tokens": self.max_tokens}
+        s = self.settings
+        return {"type": self.name, "model": s.model, "template": s.template, "scale": list(s.scale),
+                "temperature": s.temperature, "max_tokens": s.max_tokens}
 
     def key(self, prompt: str, answer: str) -> str:
-        payload = json.dumps([self.config(), prompt, answer], sort_keys=True)
-        return hashlib.blake2b(payload.encode(), digest_size=20).hexdigest()
+        return digest([self.config(), prompt, answer], 20)
 
     def render(self, example: Example, answer: str) -> str:
-        low, high = self.scale
+        low, high = self.settings.scale
         fields = {**example.fields, "prompt": example.prompt, "reference": example.answer, "answer": answer,
                   "low": f"{low:g}", "high": f"{high:g}"}
-        try:
-            return self.template.format(**fields)
-        except KeyError as exc:
-            raise ConfigError(f"llm judge: template names field {exc.args[0]!r}, missing in example {example.id!r}") from None
+        return fill(self.settings.template, fields, what="llm judge: template", record=f"example {example.id!r}")
 
     def score(self, examples: Sequence[Example], answers: Sequence[str]) -> list[Score]:
         prompts = [self.render(ex, a) for ex, a in zip(examples, answers)]
@@ -150,7 +165,7 @@ class LLMJudge:
             else:
                 todo[k] = p
         if todo:
-            with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
+            with ThreadPoolExecutor(max_workers=self.settings.concurrency) as pool:
                 for k, score in zip(todo, pool.map(self._judge, todo.values())):
                     results[k] = score
                     if self._cache is not None and "error" not in score.meta:
@@ -160,30 +175,31 @@ class LLMJudge:
     def _judge(self, prompt: str) -> Score:
         import openai
 
-        attempts = 1 + (self.parse_retries if self.on_unparseable == "retry" else 0)
+        s = self.settings
+        attempts = 1 + (s.parse_retries if s.on_unparseable == "retry" else 0)
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         reply = ""
         for _ in range(attempts):
             try:
                 resp = self.client().chat.completions.create(
-                    model=self.model, messages=[{"role": "user", "content": prompt}],
-                    temperature=self.temperature, max_tokens=self.max_tokens)
+                    model=s.model, messages=[{"role": "user", "content": prompt}],
+                    temperature=s.temperature, max_tokens=s.max_tokens)
             except (openai.OpenAIError, ValueError) as exc:  # retries exhausted, non-retryable, or a non-JSON body
                 with self._lock:
                     self.stats.requests += 1
                     self.stats.errors += 1
-                if self.on_unparseable == "fail":
-                    raise JudgeError(f"llm judge {self.model} at {self.base_url}: {exc}") from exc
+                if s.on_unparseable == "fail":
+                    raise JudgeError(f"llm judge {s.model} at {self.base_url}: {exc}") from exc
                 return Score(0.0, {"error": f"{type(exc).__name__}: {exc}"[:300], **usage})
             self._account(resp, usage)
             reply = (resp.choices[0].message.content or "") if resp.choices else ""
-            value = parse_score(reply, *self.scale)
+            value = parse_score(reply, *s.scale)
             if value is not None:
                 return Score(value, {"reply": reply[:200], **usage, "cost": self._cost(usage)})
             with self._lock:
                 self.stats.unparseable += 1
-        if self.on_unparseable == "fail":
-            raise JudgeError(f"llm judge {self.model}: no score in reply {reply[:200]!r}")
+        if s.on_unparseable == "fail":
+            raise JudgeError(f"llm judge {s.model}: no score in reply {reply[:200]!r}")
         return Score(0.0, {"unparseable": reply[:200], **usage, "cost": self._cost(usage)})
 
     def _account(self, resp, usage: dict[str, int]) -> None:
@@ -198,5 +214,5 @@ class LLMJudge:
             self.stats.cost += self._cost({"prompt_tokens": p, "completion_tokens": c})
 
     def _cost(self, usage: dict[str, int]) -> float:
-        return (usage["prompt_tokens"] * self.price_per_mtok_prompt
-                + usage["completion_tokens"] * self.price_per_mtok_completion) / 1e6
+        return (usage["prompt_tokens"] * self.settings.price_per_mtok_prompt
+                + usage["completion_tokens"] * self.settings.price_per_mtok_completion) / 1e6

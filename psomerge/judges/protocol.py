@@ -1,4 +1,10 @@
-"""The scorer protocol: batches of (example, model answer) in, scores in [0, 1] out."""
+"""The scorer protocol: batches of (example, model answer) in, scores in [0, 1] out.
+
+A scorer is built from its settings (a config section, ``judge:`` in YAML); ``config()`` is
+what changes a score and goes into every cache key; ``usage()`` reports API use (LLM
+judges) and ``close()`` releases what the scorer started (a judge server). ``ScorerBase``
+gives the last two to scorers that use nothing.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +29,16 @@ class Score:
     meta: dict[str, Any] = field(default_factory=dict)  # tokens, cost, error, ...
 
 
+@dataclass
+class ScorerUsage:
+    """What a scorer consumed from an API: judge requests, cache hits, tokens, cost."""
+
+    calls: int = 0
+    cache_hits: int = 0
+    tokens: int = 0
+    cost: float = 0.0
+
+
 @runtime_checkable
 class Scorer(Protocol):
     name: str
@@ -32,3 +48,19 @@ class Scorer(Protocol):
 
     def score(self, examples: Sequence[Example], answers: Sequence[str]) -> list[Score]:
         """One score per (example, answer) pair, in order."""
+
+    def usage(self) -> ScorerUsage:
+        """API use so far (zeros for scorers that call no API)."""
+
+    def close(self) -> None:
+        """Release what the scorer started."""
+
+
+class ScorerBase:
+    """Defaults for scorers that call no API and start nothing."""
+
+    def usage(self) -> ScorerUsage:
+        return ScorerUsage()
+
+    def close(self) -> None:
+        pass

@@ -1,8 +1,5 @@
-"""Start and stop a vLLM OpenAI-compatible server in its own environment.
-
-vLLM's pins clash with Prefect's (FastAPI), so it lives in a separate virtual environment
-(``make vllm-env`` builds ``.venv-vllm``) and psomerge talks to it over HTTP on loopback.
-"""
+"""Start and stop a vLLM OpenAI-compatible server (a judge) in the vLLM environment
+(``psomerge.generation.vllm_env``); psomerge talks to it over HTTP on loopback."""
 
 from __future__ import annotations
 
@@ -19,7 +16,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from psomerge.errors import ConfigError, PsomergeError
+from psomerge.errors import PsomergeError
+from psomerge.generation.vllm_env import vllm_env, vllm_python
 
 log = logging.getLogger(__name__)
 
@@ -27,22 +25,6 @@ log = logging.getLogger(__name__)
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}assistant:"
 )
-
-
-def vllm_python(configured: str | None = None) -> Path:
-    """The vLLM environment's interpreter: as configured, else $PSOMERGE_VLLM_PYTHON, else
-    .venv-vllm/bin/python (what `make vllm-env` builds)."""
-    python = Path(configured or os.environ.get("PSOMERGE_VLLM_PYTHON", ".venv-vllm/bin/python"))
-    if not python.exists():
-        raise ConfigError(f"vLLM environment not found at {python}: run `make vllm-env` first "
-                          "(or set PSOMERGE_VLLM_PYTHON / the config's `python` key)")
-    return python
-
-
-def vllm_env() -> dict[str, str]:
-    """Environment for a vLLM process: offline, no usage reports. The platform (CPU or GPU)
-    is vLLM's own choice from the build installed in its environment."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
 
 
 def _free_port() -> int:

@@ -6,7 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from psomerge.errors import ConfigError
+from psomerge.hashing import digest
 from psomerge.merging.recipe import MergeRecipe
+
+MERGE_CODE_VERSION = "2"  # bump when static merge outputs change for the same recipe
 
 # One recipe per baseline, with settings common in the merging literature for a handful of
 # experts: task-arithmetic scale 0.7, TIES keeping 50%, DARE keeping 30%, DELLA 40% +- 10%.
@@ -36,3 +39,15 @@ def baseline_recipe(name: str, base: Path, experts: list[Path], seed: int = 0) -
     if lam is not None:
         data["parameters"] = {"lambda": lam}
     return MergeRecipe.from_dict(data, source=f"<baseline {name}>")
+
+
+def baseline_checkpoint(name: str, base: Path, experts: list[Path], seed: int, root: Path) -> Path:
+    """The baseline merged into ``root/<name>/<tag>`` (once): the folder is named by the recipe
+    and the merge code's version, so a stale merge is never reused."""
+    from psomerge.merging.engine import run_merge
+
+    recipe = baseline_recipe(name, base, experts, seed)
+    out = Path(root) / name / digest(recipe.model_dump_json() + MERGE_CODE_VERSION, 6)
+    if not (out / "config.json").exists():
+        run_merge(recipe, out)
+    return out

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 
-from psomerge.io import Checkpoint, StreamingSafetensorsWriter, check_compatible, check_finite, copy_model_files
+from psomerge.io import Checkpoint, check_compatible, check_finite, write_checkpoint
 from psomerge.io.writer import DEFAULT_SHARD_BYTES
 from psomerge.merging.recipe import MergeRecipe
 from psomerge.merging.task_vectors import generator
@@ -44,39 +45,25 @@ def run_merge(
     base = Checkpoint(recipe.resolve_path(recipe.base_model), name=recipe.base_model) if recipe.base_model else None
     reference = base or ckpts[0]
     check_compatible(reference, [c for c in ckpts if c is not reference])
-    out_dtype = recipe.output_dtype(reference.dtype)
-    names = reference.tensor_names
-    plan = []
-    for name in names:
-        info = reference.info(name)
-        plan.append((name, info.shape, out_dtype if info.dtype.is_floating_point else info.dtype))
 
-    log.info("merging %d tensors of %d model(s) with %s", len(names), len(ckpts), method.name)
-    out_dir = Path(out_dir)
-    with StreamingSafetensorsWriter(out_dir, plan, max_shard_bytes) as writer:
-        for name in names:
-            ref_tensor = reference.get(name)
-            if not ref_tensor.is_floating_point():
-                writer.write(name, ref_tensor)  # integer buffers are copied from the base
-                continue
-            tensors = [c.get(name) for c in ckpts]
-            for ckpt, t in zip(ckpts, tensors):
-                check_finite(t, ckpt.name, name)
-            if base is not None:
-                check_finite(ref_tensor, base.name, name)
-            params = [recipe.model_params(i, name) for i, _ in merged]
-            gens = [generator(recipe.seed, i, name) for i, _ in merged]  # by position: paths may move
-            result = method.merge(
-                ref_tensor if base is not None else None, tensors, params, recipe.options(name), gens
-            )
-            writer.write(name, result.to(out_dtype))
-            if on_tensor:
-                on_tensor(name)
-    copy_model_files(reference.path, out_dir, out_dtype)
+    def merge_tensor(name: str) -> torch.Tensor:
+        ref_tensor = reference.get(name)
+        tensors = [c.get(name) for c in ckpts]
+        for ckpt, t in zip(ckpts, tensors):
+            check_finite(t, ckpt.name, name)
+        if base is not None:
+            check_finite(ref_tensor, base.name, name)
+        params = [recipe.model_params(i, name) for i, _ in merged]
+        gens = [generator(recipe.seed, i, name) for i, _ in merged]  # by position: paths may move
+        return method.merge(ref_tensor if base is not None else None, tensors, params, recipe.options(name), gens)
+
+    log.info("merging %d tensors of %d model(s) with %s", len(reference.tensor_names), len(ckpts), method.name)
+    out_dir = write_checkpoint(out_dir, reference, merge_tensor, dtype=recipe.output_dtype(reference.dtype),
+                               inputs=ckpts, max_shard_bytes=max_shard_bytes, on_tensor=on_tensor)
     return MergeResult(
         out_dir=out_dir,
         method=method.name,
-        num_tensors=len(names),
+        num_tensors=len(reference.tensor_names),
         num_parameters=reference.num_parameters,
         seconds=time.perf_counter() - start,
     )

@@ -39,6 +39,7 @@ class MergeOptions:
     normalize: bool = False
     lam: float = 1.0
     rescale: Rescale = "inverse"
+    int8_mask: bool = False  # hold sign-agreement masks as int8 (mergekit's memory saving; same result)
 
 
 class MergeMethod(ABC):
@@ -134,7 +135,7 @@ class TaskArithmeticFamily(MergeMethod):
         weights = weights.reshape(-1, *([1] * base.dim()))
         weighted = deltas.mul_(weights)
         if self.consensus:
-            mask = agreement_mask(weighted, elect_sign(weighted))
+            mask = agreement_mask(weighted, elect_sign(weighted), torch.int8 if options.int8_mask else None)
             mixed = (weighted * mask).sum(dim=0)
             divisor = (weights * mask).sum(dim=0)
             divisor[divisor == 0] = 1

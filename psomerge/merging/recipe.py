@@ -109,6 +109,8 @@ class MergeRecipe(BaseModel):
             normalize=bool(_resolve(normalize, tensor_name, "parameters.normalize", self.source)),
             lam=float(_resolve(self.parameters.get("lambda", 1.0), tensor_name, "parameters.lambda", self.source)),
             rescale=str(self.parameters.get("rescale", "inverse")),  # type: ignore[arg-type]
+            int8_mask=bool(_resolve(self.parameters.get("int8_mask", False), tensor_name, "parameters.int8_mask",
+                                    self.source)),
         )
 
     def model_params(self, index: int, tensor_name: str) -> ModelParams:

@@ -8,24 +8,24 @@ materialised into one resident model in place, tensor by tensor:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
-import shutil
-import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from psomerge.errors import ConfigError
-from psomerge.io import Checkpoint, StreamingSafetensorsWriter, check_compatible, check_finite, copy_model_files
+from psomerge.hashing import digest
+from psomerge.io import Checkpoint, check_compatible, check_finite, write_checkpoint
 from psomerge.merging.sparsify import dare
 from psomerge.merging.task_vectors import generator, task_vector
+from psomerge.swarm.materialise import fused_sum_into, weighted_sum_into, writable_tensors
+from psomerge.yamlconfig import StrictModel
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,16 @@ Storage = Literal["ram", "compact", "mmap", "cuda"]
 _LAYER = re.compile(r"\.layers?\.(\d+)\.|\.h\.(\d+)\.|\.blocks?\.(\d+)\.")
 
 
-@dataclass(frozen=True)
-class BasisSpec:
-    drop_rate: float = 0.8  # DARE p; survivors rescaled by 1 / (1 - p)
+COEFFICIENTS_FILE = "psomerge_coefficients.json"  # beside a merged model: basis, groups, coefficients
+
+
+class BasisSettings(StrictModel):
+    """The swarm's basis (``basis:`` in a run config)."""
+
+    drop_rate: float = Field(0.8, ge=0, lt=1)  # DARE p; survivors rescaled by 1 / (1 - p)
     seed: int = 0
-    granularity: Granularity = "model"
+    granularity: Granularity = "model"  # one coefficient vector per model, layer or tensor
+    storage: Storage = "ram"
 
 
 def tensor_groups(names: Sequence[str], granularity: Granularity) -> tuple[list[str], dict[str, int]]:
@@ -153,6 +158,24 @@ class Basis:
             if b != 0.0:
                 flat.index_add_(0, index, value, alpha=b)
 
+    def write_particle(self, coeffs: np.ndarray, out_dir: str | Path) -> Path:
+        """Stream the particle to a checkpoint folder with the base's config and tokenizer,
+        and its coefficients beside it."""
+        ref = self.members[0]
+        coeffs = np.asarray(coeffs, dtype=np.float64)
+
+        def tensor(name: str) -> torch.Tensor | None:
+            if name not in self.group_of:
+                return None
+            out = torch.empty(ref.info(name).shape, dtype=torch.float32)
+            self.combine_into(out, name, coeffs[self.group_of[name]].tolist())
+            return out
+
+        coefficients = json.dumps({"basis": self.labels, "groups": self.group_labels, "coefficients": coeffs.tolist(),
+                                   "basis_fingerprint": self.fingerprint}, indent=2)
+        return write_checkpoint(out_dir, ref, tensor, inputs=self.members[1:],
+                                extra_files={COEFFICIENTS_FILE: coefficients})
+
     @torch.no_grad()
     def materialise(self, coeffs: np.ndarray, target: torch.nn.Module | Mapping[str, torch.Tensor]) -> None:
         """Overwrite ``target``'s weights in place with the particle ``coeffs`` (G x K).
@@ -178,14 +201,6 @@ class Basis:
                 out.copy_(scratch)
 
 
-def writable_tensors(target: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    """Name -> tensor to write into: a model's parameters (tied ones under every name), or
-    the mapping itself."""
-    if isinstance(target, torch.nn.Module):
-        return {n: p.data for n, p in target.named_parameters(remove_duplicate=False)}
-    return target
-
-
 def member_coefficients(k: int, groups: int, j: int) -> np.ndarray:
     """The (G, K) particle that is basis member j itself (one-hot in every group)."""
     coeffs = np.zeros((groups, k))
@@ -203,88 +218,34 @@ def _sparse_delta(member: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tenso
     return index, value
 
 
-def fused_sum_into(out: torch.Tensor, stacked: torch.Tensor, alpha: Sequence[float]) -> bool:
-    """out = sum_j alpha_j * stacked[j] in one pass (read K, write once) with a compiled CPU
-    kernel. False where it does not apply (no numba, not CPU fp32), so the caller falls back."""
-    kernel = _fused_kernel(len(alpha))
-    if kernel is None or out.device.type != "cpu" or out.dtype != torch.float32 or not out.is_contiguous():
-        return False
-    rows = [stacked[j].reshape(-1).numpy() for j in range(len(alpha))]
-    with _KERNEL_LOCK:  # the kernel already uses every core; numba's default pool is not re-entrant
-        kernel(out.view(-1).numpy(), *rows, np.asarray(alpha, dtype=np.float32))
-    return True
-
-
-_KERNELS: dict[int, object] = {}
-_KERNEL_LOCK = threading.Lock()
-
-
-def _fused_kernel(k: int):
-    """A numba kernel summing exactly k rows, generated once per k: one-dimensional rows with
-    the sum written out term by term vectorise, where a 2-D indexed loop does not."""
-    if k not in _KERNELS:
-        try:
-            import numba
-        except ImportError:
-            _KERNELS[k] = None
-            return None
-        args = ", ".join(f"b{j}" for j in range(k))
-        terms = " + ".join(f"a[{j}] * b{j}[i]" for j in range(k))
-        src = f"def fused(out, {args}, a):\n    for i in numba.prange(out.shape[0]):\n        out[i] = {terms}\n"
-        namespace: dict = {"numba": numba}
-        exec(src, namespace)  # noqa: S102 - generated from integers only
-        _KERNELS[k] = numba.njit(parallel=True, fastmath=False, nogil=True)(namespace["fused"])
-    return _KERNELS[k]
-
-
-def weighted_sum_into(out: torch.Tensor, tensors: torch.Tensor | Sequence[torch.Tensor], alpha: Sequence[float]) -> None:
-    """out = sum_j alpha_j * tensors[j], in place: one multiply, then fused adds."""
-    first = tensors[0]
-    if first.dtype == out.dtype:
-        torch.mul(first, alpha[0], out=out)
-    else:  # a bf16 memory-mapped basis member into an fp32 model
-        out.copy_(first).mul_(alpha[0])
-    for t, a in zip(tensors[1:], alpha[1:]):
-        if a != 0.0:
-            out.add_(t, alpha=a)
-
-
 def build_basis(
     base: str | Path,
     experts: Sequence[str | Path],
     cache_dir: str | Path,
-    spec: BasisSpec = BasisSpec(),
-    storage: Storage = "ram",
+    settings: BasisSettings = BasisSettings(),
 ) -> Basis:
     """Open base and experts, write (or reuse) their DARE versions, return the basis."""
     base_ck = Checkpoint(base, name=str(base))
     expert_cks = [Checkpoint(e, name=str(e)) for e in experts]
     check_compatible(base_ck, expert_cks)
     fps = [base_ck.fingerprint()] + [e.fingerprint() for e in expert_cks]
-    key = hashlib.blake2b(json.dumps([fps, spec.drop_rate, spec.seed]).encode(), digest_size=12).hexdigest()
+    key = digest([fps, settings.drop_rate, settings.seed], 12)
     root = Path(cache_dir) / key
     dare_paths = [root / f"dare{i}" for i in range(len(experts))]
     if not all((p / "config.json").exists() for p in dare_paths):
-        log.info("writing %d DARE experts (p=%.2f) to %s", len(experts), spec.drop_rate, root)
+        log.info("writing %d DARE experts (p=%.2f) to %s", len(experts), settings.drop_rate, root)
         for i, (expert, path) in enumerate(zip(expert_cks, dare_paths)):
-            _write_dare_expert(base_ck, expert, path, spec, tag=fps[i + 1])
+            _write_dare_expert(base_ck, expert, path, settings, tag=fps[i + 1])
     dare_cks = [Checkpoint(p, name=f"dare({expert_cks[i].name})") for i, p in enumerate(dare_paths)]
     labels = ["base"] + [f"expert:{Path(e).name}" for e in experts] + [f"dare:{Path(e).name}" for e in experts]
-    return Basis([base_ck, *expert_cks, *dare_cks], labels, key, spec.granularity, storage)
+    return Basis([base_ck, *expert_cks, *dare_cks], labels, key, settings.granularity, settings.storage)
 
 
-def _write_dare_expert(base: Checkpoint, expert: Checkpoint, out: Path, spec: BasisSpec, tag: str) -> None:
-    plan = [(n, base.info(n).shape, base.info(n).dtype) for n in base.tensor_names]
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted build
-    with StreamingSafetensorsWriter(partial, plan) as writer:
-        for name in base.tensor_names:
-            b, e = base.get(name), expert.get(name)
-            if not b.is_floating_point():
-                writer.write(name, b)
-                continue
-            check_finite(e, expert.name, name)
-            delta = dare(task_vector(e, b), spec.drop_rate, generator(spec.seed, tag, name))
-            writer.write(name, (b.float() + delta).to(b.dtype))
-    copy_model_files(base.path, partial, base.dtype)
-    partial.rename(out)
+def _write_dare_expert(base: Checkpoint, expert: Checkpoint, out: Path, settings: BasisSettings, tag: str) -> None:
+    def sparsified(name: str) -> torch.Tensor:
+        b, e = base.get(name), expert.get(name)
+        check_finite(e, expert.name, name)
+        delta = dare(task_vector(e, b), settings.drop_rate, generator(settings.seed, tag, name))
+        return b.float() + delta
+
+    write_checkpoint(out, base, sparsified, inputs=[expert])

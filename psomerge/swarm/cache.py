@@ -1,30 +1,37 @@
 """Persistent fitness cache: an identical particle is never scored twice, in any run.
 
-Key = hash(basis fingerprint, coefficients rounded to ``PRECISION``, evaluation fingerprint
-(eval suites with their data, splits and scorer configs, and generation settings)).
-Stored in SQLite (psomerge.kvstore), safe under concurrent writers.
+A particle's key = hash(basis fingerprint, coefficients rounded to ``PRECISION``, evaluation
+fingerprint (eval suites with their data, splits and scorer configs, and generation
+settings), split). A checkpoint folder (a static merge) is keyed by its content hash instead
+of coefficients. Stored in SQLite (psomerge.kvstore), safe under concurrent writers.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from psomerge.hashing import digest
 from psomerge.kvstore import SqliteKV
 
 PRECISION = 1e-6  # coefficients equal to this precision are the same particle
 
 
-def particle_key(basis_fingerprint: str, coeffs: np.ndarray, eval_fingerprint: str) -> str:
+def particle_key(basis_fingerprint: str, coeffs: np.ndarray, eval_fingerprint: str,
+                 split: str = "optimisation") -> str:
+    """Key of a particle's scores on one split (the optimisation split is its fitness)."""
     rounded = np.round(np.asarray(coeffs, dtype=np.float64) / PRECISION).astype(np.int64)
     rounded[rounded == 0] = 0  # -0 and 0 are one particle
-    payload = json.dumps([basis_fingerprint, list(rounded.shape), rounded.ravel().tolist(), eval_fingerprint])
-    return hashlib.blake2b(payload.encode(), digest_size=20).hexdigest()
+    scope = eval_fingerprint if split == "optimisation" else f"{eval_fingerprint}:{split}"
+    return digest([basis_fingerprint, list(rounded.shape), rounded.ravel().tolist(), scope], 20)
+
+
+def checkpoint_key(checkpoint_fingerprint: str, eval_fingerprint: str, split: str) -> str:
+    """Key of a checkpoint folder's scores on one split."""
+    return f"folder:{checkpoint_fingerprint}:{eval_fingerprint}:{split}"
 
 
 @dataclass(frozen=True)

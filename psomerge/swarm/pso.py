@@ -9,21 +9,23 @@ models' weights (see docs in README, "Why coefficient space is exact").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
+
+from psomerge.swarm.optimizer import SwarmOptimizer, SwarmSettings
 
 
-@dataclass(frozen=True)
-class PSOConfig:
-    steps: int = 5
+class PSOSettings(SwarmSettings):
+    """PSO-Merging's settings; the defaults are the paper's."""
+
+    type: Literal["pso"] = "pso"
     inertia: float = 0.2  # w
     cognitive: float = 2.0  # c1
     social: float = 2.0  # c2
-    velocity_clamp: float | None = None  # max L2 norm of a group's velocity row
+    velocity_clamp: float | None = Field(None, gt=0)  # max L2 norm of a group's velocity row
     bounds: tuple[float, float] | None = None  # coefficient bounds, applied with re-projection
-    extra_particles: int = 0  # random affine starts beside the 2N+1 one-hot ones
-    seed: int = 0
 
 
 def pso_velocity(x, v, pbest, gbest, r1, r2, w, c1, c2):
@@ -54,10 +56,26 @@ def project_bounds(x: np.ndarray, lo: float, hi: float, iterations: int = 50) ->
     return x
 
 
-def initial_positions(k: int, groups: int, extra: int, rng: np.random.Generator) -> np.ndarray:
-    """One-hot at each basis model (2N+1 particles), plus ``extra`` Dirichlet-random ones."""
-    eye = np.broadcast_to(np.eye(k)[:, None, :], (k, groups, k)).copy()
-    if extra:
-        rand = rng.dirichlet(np.ones(k), size=(extra, groups))
-        eye = np.concatenate([eye, rand])
-    return eye
+class PSOMerging(SwarmOptimizer):
+    """PSO-Merging: particles start one-hot at the basis models, v0 = 0; the final global best wins."""
+
+    name = "pso"
+
+    def __init__(self, k: int, groups: int, settings: PSOSettings = PSOSettings()):
+        super().__init__(k, groups, settings)
+
+    def _move(self):
+        c = self.settings
+        shape = (len(self.x), self.groups, 1)  # one r1, r2 per particle per group
+        r1, r2 = self.rng.random(shape), self.rng.random(shape)
+        v = pso_velocity(self.x, self.v, self.pbest, self.best_position[None], r1, r2,
+                         c.inertia, c.cognitive, c.social)
+        if c.velocity_clamp is not None:
+            v = clamp_velocity(v, c.velocity_clamp)
+        x = self.x + v
+        if c.bounds is not None:
+            x = project_bounds(x, *c.bounds)
+        return x, v
+
+    def done(self) -> bool:
+        return self.step > self.settings.steps

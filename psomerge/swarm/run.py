@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from psomerge.swarm.cache import CachedFitness
-from psomerge.swarm.optimizers import Optimizer
+from psomerge.swarm.optimizer import Optimizer
 
 CHECKPOINT_VERSION = 1
 

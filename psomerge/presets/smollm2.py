@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from psomerge.demo.build import DemoAssets, build_key
+from psomerge.presets.common import PresetAssets, build_key, cached_build, preset_run_config, publish_build, staging, train
 from psomerge.errors import PsomergeError
 
 log = logging.getLogger(__name__)
@@ -137,21 +137,17 @@ def iso_code_records(n_eval: int, seed: int) -> tuple[list[dict], list[tuple[str
 
 def build_smollm2(
     data_dir: str | Path, spec: SmolSpec = SmolSpec(), on_progress: Callable[[str, int, int], None] | None = None
-) -> DemoAssets:
+) -> PresetAssets:
     """Convert the base, write the eval data, fine-tune the experts (cached)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from psomerge.demo.build import _point_current, publish_build, train
-
     root = Path(data_dir) / "smollm2" / spec.key()
-    assets = DemoAssets.at(root, TASKS)
-    if (root / "BUILT").exists():
-        _point_current(root)
-        return assets
+    built = cached_build(root, TASKS)
+    if built is not None:
+        return built
     gguf = package_file(GGUF_PACKAGE, GGUF_FILE)
-    tmp = root.with_name(root.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    staged = DemoAssets.at(tmp, TASKS)
+    tmp = staging(root)
+    staged = PresetAssets.at(tmp, TASKS)
     started = time.perf_counter()
     base_dir = Path(data_dir) / "smollm2" / "base-fp32"  # shared by every spec
     if not (base_dir / "config.json").exists():
@@ -182,14 +178,12 @@ def build_smollm2(
         tokenizer.save_pretrained(staged.experts[name])
         log.info("fine-tuned expert %s in %.0fs", name, time.perf_counter() - started)
     publish_build(tmp, root, spec)
-    return assets
+    return PresetAssets.at(root, TASKS)
 
 
-def smollm2_run_config(assets: DemoAssets, spec: SmolSpec = SmolSpec(), optimizer: str = "pso", steps: int = 3,
+def smollm2_run_config(assets: PresetAssets, spec: SmolSpec = SmolSpec(), optimizer: str = "pso", steps: int = 3,
                        name: str | None = None, baselines: list[str] | None = None):
     """The swarm run config for the SmolLM2 experts (configs/smollm2.yaml spells it out)."""
-    from psomerge.demo.run import preset_run_config
-
     return preset_run_config(
         assets, name=name or f"smollm2-{optimizer}", model_name="psomerge-smollm2",
         suite={"prompt_template": "{prompt}", "judge": {"type": "exact_match", "normalizer": "text"},

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
-from psomerge.evalsuite import EvalSuite
-from psomerge.evaluation import EvalResult
+from psomerge.evaluation.evaluate import EvalResult
+from psomerge.evaluation.suite import EvalSuite
 
 
 def score_table(title: str, rows: Sequence[tuple[str, EvalResult]], suites: Sequence[EvalSuite] | None = None) -> Table:

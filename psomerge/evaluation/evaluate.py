@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from psomerge.evalsuite import EvalSuite, Split
+from psomerge.evaluation.suite import EvalSuite, Split
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Standalone on purpose: it runs in `.venv-vllm` (vLLM's pins clash with Prefect's), where
 psomerge is not installed, so it imports nothing from psomerge. The parent
-(`psomerge.judges.vllm_generation.VLLMGenerator`) starts it as
+(`psomerge.generation.vllm_backend.VLLMGenerator`) starts it as
 ``<vllm python> vllm_worker.py '<engine kwargs as JSON>'`` and speaks JSON lines:
 
     worker -> parent   {"event": "ready", "seconds": ..., "dtype": "float32", "device": "cpu"}

@@ -16,21 +16,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field
+
 from psomerge.errors import ConfigError
+from psomerge.hashing import digest
+from psomerge.judges.factory import JudgeSettings, make_scorer
+from psomerge.judges.exact_match import ExactMatchSettings
 from psomerge.judges.protocol import Example, Scorer
+from psomerge.templates import field_validator_for, fill
+from psomerge.yamlconfig import StrictModel
 
 Split = Literal["optimisation", "heldout"]
 
 
+class SuiteSettings(StrictModel):
+    """One eval suite in a run config (``suites:``)."""
+
+    name: str
+    dataset: Path  # .jsonl, .csv, .parquet, or a folder written by datasets' save_to_disk
+    dataset_split: str | None = None  # for a saved DatasetDict
+    prompt_template: str = "{question}"
+    answer_field: str = "answer"
+    id_field: str | None = None
+    judge: JudgeSettings = ExactMatchSettings()
+    weight: float = Field(1.0, gt=0)
+    optimisation_size: int = Field(60, gt=0)
+    heldout_size: int | None = Field(None, gt=0)  # None: every example not in the optimisation split
+    split_seed: int = 0
+
+    check_templates = field_validator_for("prompt_template")
+
+
+def _default(name: str) -> Any:
+    return SuiteSettings.model_fields[name].default
+
+
 @dataclass
 class EvalSuite:
+    """A loaded suite; its defaults are ``SuiteSettings``'."""
+
     name: str
     examples: list[Example]
     scorer: Scorer
-    weight: float = 1.0
-    optimisation_size: int = 64
-    heldout_size: int | None = None  # None: every example not in the optimisation split
-    split_seed: int = 0
+    weight: float = _default("weight")
+    optimisation_size: int = _default("optimisation_size")
+    heldout_size: int | None = _default("heldout_size")  # None: every example not in the optimisation split
+    split_seed: int = _default("split_seed")
     data_fingerprint: str = ""
     _order: list[int] = field(default_factory=list, repr=False)
 
@@ -62,15 +93,8 @@ class EvalSuite:
 
     def fingerprint(self) -> str:
         """Changes whenever data, split or scorer change: part of the fitness cache key."""
-        payload = [
-            self.name,
-            self.data_fingerprint,
-            self.optimisation_size,
-            self.heldout_size,
-            self.split_seed,
-            self.scorer.config(),
-        ]
-        return hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=16).hexdigest()
+        return digest([self.name, self.data_fingerprint, self.optimisation_size, self.heldout_size, self.split_seed,
+                       self.scorer.config()])
 
     # -- loading -------------------------------------------------------------------
     @classmethod
@@ -84,28 +108,34 @@ class EvalSuite:
         scorer: Scorer,
         source: str = "<records>",
         id_field: str | None = None,
-        **kwargs: Any,
+        **splits: Any,
     ) -> "EvalSuite":
         examples = []
+        what = f"eval suite {name!r}: prompt_template"
         for i, rec in enumerate(records):
-            try:
-                prompt = prompt_template.format(**rec)
-            except KeyError as exc:
-                raise ConfigError(
-                    f"eval suite {name!r}: prompt_template names field {exc.args[0]!r}, missing in "
-                    f"record {i} of {source}"
-                ) from None
+            if not isinstance(rec, dict):
+                raise ConfigError(f"eval suite {name!r}: record {i} of {source} is not an object "
+                                  f"(got {type(rec).__name__})")
+            prompt = fill(prompt_template, rec, what=what, record=f"record {i} of {source}")
             if answer_field not in rec:
                 raise ConfigError(
                     f"eval suite {name!r}: answer_field {answer_field!r} missing in record {i} of {source}"
                 )
             ex_id = str(rec[id_field]) if id_field else str(i)
             examples.append(Example(ex_id, prompt, str(rec[answer_field]), dict(rec)))
-        return cls(name, examples, scorer, **kwargs)
+        return cls(name, examples, scorer, **splits)
 
     @classmethod
     def from_file(cls, name: str, path: str | Path, hf_split: str | None = None, **kwargs: Any) -> "EvalSuite":
         return cls.from_records(name, read_records(path, hf_split), source=str(path), **kwargs)
+
+    @classmethod
+    def from_settings(cls, s: SuiteSettings, *, judge_cache: str | Path | None = None) -> "EvalSuite":
+        return cls.from_file(s.name, s.dataset, s.dataset_split, prompt_template=s.prompt_template,
+                             answer_field=s.answer_field, id_field=s.id_field,
+                             scorer=make_scorer(s.judge, judge_cache=judge_cache), weight=s.weight,
+                             optimisation_size=s.optimisation_size, heldout_size=s.heldout_size,
+                             split_seed=s.split_seed)
 
 
 def read_records(path: str | Path, hf_split: str | None = None) -> list[dict[str, Any]]:
@@ -137,6 +167,9 @@ def read_records(path: str | Path, hf_split: str | None = None) -> list[dict[str
                     records.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise ConfigError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                if not isinstance(records[-1], dict):
+                    raise ConfigError(f"{path}:{lineno}: a record must be a JSON object, got "
+                                      f"{type(records[-1]).__name__}")
         return records
     if path.suffix == ".csv":
         with open(path, newline="") as f:

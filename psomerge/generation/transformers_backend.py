@@ -1,47 +1,20 @@
-"""Generation backends: batched greedy decoding on one resident model.
+"""The transformers backend: batched greedy decoding on one resident causal LM.
 
-A generator has ``generate(prompts)``, ``stats``, ``config()`` (what changes answers, part
-of cache keys), ``weights_changed()`` (called after a particle was written into its
-weights) and ``close()``. This module holds the transformers backend; the vLLM backend is
-``psomerge.judges.vllm_generation``.
+The swarm overwrites the model's weights in place between particles, so a generator is
+built once per worker and reused for every particle.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class GenerationStats:
-    calls: int = 0
-    prompts: int = 0
-    new_tokens: int = 0
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """The answer up to the first stop string (either backend may run past one: transformers
-    generates a fixed number of tokens, vLLM matches stops on detokenised pieces)."""
-    for s in stop:
-        pos = text.find(s)
-        if pos >= 0:
-            text = text[:pos]
-    return text
-
-
-def generation_config(max_new_tokens: int, stop: Sequence[str], backend: str = "transformers", **engine) -> dict:
-    """Generation settings that change answers: part of cache keys."""
-    return {"backend": backend, "max_new_tokens": max_new_tokens, "stop": list(stop), "greedy": True, **engine}
+from psomerge.generation.protocol import GenerationStats, cut_at_stop
 
 
 class TransformersGenerator:
-    """Greedy, batched generation with a transformers causal LM kept resident.
-
-    The swarm overwrites the model's weights in place between particles, so this object
-    is built once per worker.
-    """
+    """Greedy, batched generation with a transformers causal LM kept resident."""
 
     def __init__(
         self,
@@ -62,8 +35,9 @@ class TransformersGenerator:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
 
-    def config(self) -> dict:
-        return generation_config(self.max_new_tokens, self.stop)
+    @property
+    def weights(self) -> torch.nn.Module:
+        return self.model
 
     def weights_changed(self) -> None:
         """Nothing to do: the swarm wrote into this very model's parameters."""

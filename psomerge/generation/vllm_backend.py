@@ -1,7 +1,7 @@
 """vLLM generation backend: one engine kept alive across particles, weights pushed in place.
 
-The engine runs in the vLLM environment (its pins clash with Prefect's) as a worker
-process (``vllm_worker.py``). A particle is materialised by the basis straight into a
+The engine runs in the vLLM environment (``vllm_env.py``) as a worker process
+(``vllm_worker.py``). A particle is materialised by the basis straight into a
 shared, memory-mapped safetensors file (``SharedWeights``, in /dev/shm), and the worker
 reloads the running model from that file: no engine restart, no tensor through a pipe.
 
@@ -32,8 +32,8 @@ from psomerge.errors import PsomergeError
 from psomerge.io import Checkpoint
 from psomerge.io.checkpoint import DTYPES
 from psomerge.io.shared_weights import SharedWeights
-from psomerge.judges.generation import GenerationStats, cut_at_stop, generation_config
-from psomerge.judges.vllm_server import vllm_env, vllm_python
+from psomerge.generation.protocol import GenerationStats, cut_at_stop
+from psomerge.generation.vllm_env import vllm_env, vllm_python
 
 log = logging.getLogger(__name__)
 WORKER_SCRIPT = Path(__file__).with_name("vllm_worker.py")
@@ -91,9 +91,6 @@ class VLLMGenerator:
             kwargs["max_model_len"] = max_model_len
         kwargs.update(engine_args or {})
         self._start(vllm_python(python), kwargs, startup_timeout)
-
-    def config(self) -> dict:
-        return generation_config(self.max_new_tokens, self.stop, backend="vllm", dtype=self.dtype)
 
     # -- process ---------------------------------------------------------------------------
 

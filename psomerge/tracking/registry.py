@@ -1,5 +1,5 @@
-"""MLflow tracking: one run per flow run, nested runs for baselines, per-step metrics,
-per-task tables, plots, and registered model versions with lineage tags and aliases.
+"""The MLflow model registry: where tracking points, registered versions with lineage tags,
+aliases ``candidate`` and ``champion``, and the promotion gate.
 
 Embedded default: a SQLite store and an artifact folder under the data directory. Set
 ``MLFLOW_TRACKING_URI`` to use a tracking server instead.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from psomerge.evaluation import EvalResult
 from psomerge.paths import data_dir
 
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -26,7 +24,6 @@ HELDOUT_TAG = "heldout_score"
 
 def configure(experiment: str = "psomerge") -> str:
     """Point MLflow at $MLFLOW_TRACKING_URI or the embedded store; return the experiment id."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         root = data_dir()
@@ -53,59 +50,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
     return out
-
-
-def log_step(report, suite_names: Sequence[str]) -> None:
-    """Per-step metrics of a swarm run."""
-    metrics = {"best_fitness": report.best_fitness, "mean_fitness": report.mean_fitness,
-               "std_fitness": report.std_fitness, "evaluations": report.evaluations}
-    metrics.update({f"best_{name}": report.best_scores.get(name, 0.0) for name in suite_names})
-    metrics.update({k: float(v) for k, v in report.counts.items()})
-    mlflow.log_metrics(metrics, step=report.step)
-
-
-def table_records(rows: Sequence[tuple[str, EvalResult]], split: str) -> dict[str, list]:
-    names = list(rows[0][1].scores) if rows else []
-    table: dict[str, list] = {"model": [], "split": [], **{n: [] for n in names}, "weighted_mean": []}
-    for label, result in rows:
-        table["model"].append(label)
-        table["split"].append(split)
-        for n in names:
-            table[n].append(result.scores[n])
-        table["weighted_mean"].append(result.fitness)
-    return table
-
-
-def log_score_table(rows: Sequence[tuple[str, EvalResult]], split: str, artifact_file: str) -> None:
-    mlflow.log_table(data=table_records(rows, split), artifact_file=artifact_file)
-
-
-def log_plots(history: Sequence[dict], coefficients, basis_labels: Sequence[str], group_labels: Sequence[str]) -> None:
-    """Convergence plot and coefficient heatmap, as PNG artifacts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps = [h["step"] for h in history]
-    ax.plot(steps, [h["best"] for h in history], marker="o", label="global best")
-    ax.plot(steps, [h["mean"] for h in history], marker=".", label="particle mean")
-    ax.set_xlabel("step")
-    ax.set_ylabel("fitness (optimisation split)")
-    ax.legend()
-    fig.tight_layout()
-    mlflow.log_figure(fig, "convergence.png")
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(basis_labels), 1.2 + 0.35 * len(group_labels)))
-    im = ax.imshow(coefficients, cmap="coolwarm", aspect="auto")
-    ax.set_xticks(range(len(basis_labels)), basis_labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(group_labels)), group_labels)
-    fig.colorbar(im, ax=ax, label="coefficient")
-    fig.tight_layout()
-    mlflow.log_figure(fig, "coefficients.png")
-    plt.close(fig)
 
 
 def register_version(model_dir: Path, name: str, heldout_score: float, lineage: dict[str, Any]) -> str:

@@ -1,0 +1,361 @@
+"""One run end to end: validate, build the basis, search, evaluate the rows of the report,
+write the merged model, track. The library API (``run_swarm``) and the Prefect flow both
+run ``run_pipeline``; they differ only in two seams:
+
+- ``Scoring``: how particles, final rows and baselines are scored: ``InProcessScoring``
+  here (one ``RunContext`` in this process), or Prefect tasks on a task runner
+  (``psomerge.orchestration``), whose workers each hold their own ``RunContext``;
+- ``Tracker``: what is tracked: nothing (``NullTracker``), or MLflow (``psomerge.tracking``).
+
+Only configs, coefficient arrays, paths and fingerprints cross a seam; never tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from psomerge.config import RunConfig
+from psomerge.paths import data_dir
+from psomerge.evaluation import EvalResult, EvalSuite
+from psomerge.generation import open_generator
+from psomerge.io import Checkpoint, check_compatible
+from psomerge.merging.baselines import baseline_checkpoint
+from psomerge.swarm import build_basis, make_optimizer, member_coefficients
+from psomerge.swarm.basis import Basis
+from psomerge.swarm.cache import FitnessCache
+from psomerge.swarm.fitness import ParticleEvaluator
+from psomerge.swarm.run import StepReport, load_checkpoint, run_optimizer
+
+log = logging.getLogger(__name__)
+
+
+# -- what a run counts -------------------------------------------------------------------
+
+@dataclass
+class Usage:
+    """What scoring consumed: generated tokens and LLM-judge use."""
+
+    generated_tokens: int = 0
+    judge_calls: int = 0
+    judge_cache_hits: int = 0
+    judge_tokens: int = 0
+    judge_cost: float = 0.0
+
+    def minus(self, before: "Usage") -> "Usage":
+        return Usage(**{f.name: getattr(self, f.name) - getattr(before, f.name) for f in fields(self)})
+
+
+@dataclass
+class Counts(Usage):
+    """Everything a run counts, reported per step and at the end, and kept across a resume."""
+
+    fitness_calls: int = 0  # particles asked for, cached or not
+    scorings: int = 0  # particles materialised and scored
+    cache_hits: int = 0  # answered by a cache (psomerge's fitness cache or Prefect's task cache)
+    task_cache_hits: int = 0  # of which Prefect's result cache answered
+    examples_scored: int = 0
+
+    def add(self, usage: Usage) -> None:
+        for f in fields(Usage):
+            setattr(self, f.name, getattr(self, f.name) + getattr(usage, f.name))
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Counts":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class ParticleScore:
+    """One particle's fitness, and what scoring it cost."""
+
+    fitness: float
+    scores: dict[str, float]
+    scored: bool  # False: answered by a cache
+    examples: int = 0  # examples scored for it (0 on a cache hit)
+    usage: Usage = field(default_factory=Usage)
+    task_cached: bool = False  # answered by Prefect's task cache
+
+
+@dataclass
+class Row:
+    """One row of a report: a model's scores on both splits."""
+
+    label: str
+    heldout: EvalResult
+    optimisation: EvalResult
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass
+class BasisInfo:
+    """What the driver of a run needs to know of the basis (workers hold the basis itself)."""
+
+    fingerprint: str
+    k: int
+    groups: int
+    labels: list[str]
+    group_labels: list[str]
+    fingerprints: dict[str, str]  # content hash of base and each expert, by path
+
+
+@dataclass
+class Registration:
+    run_id: str
+    version: str
+    promotion: dict[str, Any]
+
+
+@dataclass
+class RunResult:
+    """What one run produced."""
+
+    config: RunConfig
+    basis: BasisInfo
+    best_position: np.ndarray
+    best_fitness: float
+    best_scores: dict[str, float]
+    history: list[dict]
+    counts: Counts
+    rows: list[Row] = field(default_factory=list)  # base, experts, baselines, the merge
+    output_dir: Path | None = None
+    model_dir: Path | None = None
+    registration: Registration | None = None
+
+    @property
+    def merged_label(self) -> str:
+        return f"psomerge:{self.config.optimizer.type}"
+
+    @property
+    def heldout(self) -> list[tuple[str, EvalResult]]:
+        return [(r.label, r.heldout) for r in self.rows]
+
+
+# -- what scoring needs, in one process ------------------------------------------------------
+
+class RunContext:
+    """The basis, suites, fitness cache and resident models of one run config, in one
+    process: what scoring a particle, a report row or a baseline needs."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        cache_root = data_dir() / "cache"
+        self.basis: Basis = build_basis(config.base, config.experts, cache_root / "basis", config.basis)
+        # identical (prompt, answer) pairs are judged once, across runs
+        self.suites = [EvalSuite.from_settings(s, judge_cache=cache_root / "judge.sqlite") for s in config.suites]
+        device = "cuda" if config.basis.storage == "cuda" else "cpu"
+        self.evaluator = ParticleEvaluator(self.basis, self.suites, FitnessCache(config.fitness_cache_path()),
+                                           lambda: open_generator(config.generation, config.base, device),
+                                           config.generation.cache_config())
+
+    def info(self) -> BasisInfo:
+        b = self.basis
+        fingerprints = {m.name: m.fingerprint() for m in b.members[: 1 + b.n_experts]}
+        return BasisInfo(b.fingerprint, b.k, b.num_groups, b.labels, b.group_labels, fingerprints)
+
+    def usage(self) -> Usage:
+        """Usage so far (exact with one scoring thread per process)."""
+        u = Usage(generated_tokens=self.evaluator.generated_tokens())
+        for suite in self.suites:
+            s = suite.scorer.usage()
+            u.judge_calls += s.calls
+            u.judge_cache_hits += s.cache_hits
+            u.judge_tokens += s.tokens
+            u.judge_cost += s.cost
+        return u
+
+    def score(self, coeffs: np.ndarray) -> ParticleScore:
+        before, counts = self.usage(), self.evaluator.counts
+        scorings, examples = counts.scorings, counts.examples_scored
+        result = self.evaluator(np.asarray(coeffs))
+        return ParticleScore(result.fitness, result.scores, counts.scorings > scorings,
+                             counts.examples_scored - examples, self.usage().minus(before))
+
+    def evaluate(self, label: str, coeffs: np.ndarray) -> Row:
+        """A report row for a particle (base, an expert, the merge): both splits."""
+        before = self.usage()
+        held = self.evaluator.evaluate(np.asarray(coeffs), "heldout")
+        opt = self.evaluator.evaluate(np.asarray(coeffs), "optimisation")
+        return Row(label, held, opt, self.usage().minus(before))
+
+    def baseline(self, name: str) -> Row:
+        """A report row for a static merge of the experts (merged once, cached by recipe)."""
+        cfg = self.config
+        folder = baseline_checkpoint(name, cfg.base, list(cfg.experts), cfg.basis.seed, cfg.run_dir() / "baselines")
+        before = self.usage()
+        held = self.evaluator.evaluate_checkpoint(folder, "heldout")
+        opt = self.evaluator.evaluate_checkpoint(folder, "optimisation")
+        return Row(name, held, opt, self.usage().minus(before))
+
+    def write_model(self, coeffs: np.ndarray, out_dir: Path) -> Path:
+        return self.basis.write_particle(np.asarray(coeffs), out_dir)
+
+    def close(self) -> None:
+        for suite in self.suites:  # stop judge servers this run started
+            suite.scorer.close()
+        self.evaluator.close()  # and generation engines
+
+
+def validate_models(config: RunConfig) -> None:
+    """Architecture, tensor names, shapes and vocabularies of base and experts, before any
+    work (errors name the model and tensor)."""
+    base = Checkpoint(config.base, name=str(config.base))
+    check_compatible(base, [Checkpoint(e, name=str(e)) for e in config.experts])
+
+
+# -- the seams ---------------------------------------------------------------------------
+
+class Scoring(Protocol):
+    """How particles and report rows are scored."""
+
+    def prepare(self) -> BasisInfo: ...
+    def score(self, positions: list[np.ndarray]) -> list[ParticleScore]: ...
+    def evaluate(self, particles: dict[str, np.ndarray]) -> list[Row]: ...
+    def baseline(self, name: str) -> Row: ...
+    def write_model(self, coeffs: np.ndarray, out_dir: Path) -> Path: ...
+    def close(self) -> None: ...
+
+
+class InProcessScoring:
+    """Scoring in this process, one particle after another."""
+
+    def __init__(self, config: RunConfig, context: RunContext | None = None):
+        self.config = config
+        self.context = context
+        self._own = context is None
+
+    def prepare(self) -> BasisInfo:
+        validate_models(self.config)
+        if self.context is None:
+            self.context = RunContext(self.config)
+        return self.context.info()
+
+    def score(self, positions: list[np.ndarray]) -> list[ParticleScore]:
+        return [self.context.score(x) for x in positions]
+
+    def evaluate(self, particles: dict[str, np.ndarray]) -> list[Row]:
+        return [self.context.evaluate(label, x) for label, x in particles.items()]
+
+    def baseline(self, name: str) -> Row:
+        return self.context.baseline(name)
+
+    def write_model(self, coeffs: np.ndarray, out_dir: Path) -> Path:
+        return self.context.write_model(coeffs, out_dir)
+
+    def close(self) -> None:
+        if self._own and self.context is not None:
+            self.context.close()
+
+
+class Tracker(Protocol):
+    """What is tracked. ``start`` returns state kept in the swarm checkpoint and given back
+    on resume (e.g. the tracking run to continue)."""
+
+    def start(self, config: RunConfig, info: BasisInfo, resumed: dict[str, Any] | None) -> dict[str, Any]: ...
+    def log_step(self, report: StepReport) -> None: ...
+    def log_baseline(self, row: Row) -> None: ...
+    def finish(self, result: RunResult, checkpoint: Path) -> Registration | None: ...
+    def close(self, failed: bool) -> None: ...
+
+
+class NullTracker:
+    def start(self, config, info, resumed):
+        return {}
+
+    def log_step(self, report):
+        pass
+
+    def log_baseline(self, row):
+        pass
+
+    def finish(self, result, checkpoint):
+        return None
+
+    def close(self, failed):
+        pass
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+def run_pipeline(
+    config: RunConfig,
+    *,
+    scoring: Scoring | None = None,
+    tracker: Tracker | None = None,
+    resume: bool = False,
+    on_step: Callable[[StepReport], None] | None = None,
+    evaluate_heldout: bool = True,
+) -> RunResult:
+    """Search, then (``evaluate_heldout``) score the report's rows and write the merged model.
+
+    Rows: base, each expert, each static baseline (``config.baselines``), then the merge.
+    A resumed run continues from the last step's checkpoint; particles scored after it
+    come from the fitness cache.
+    """
+    scoring = scoring or InProcessScoring(config)
+    tracker = tracker or NullTracker()
+    out = config.run_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint.json"
+    failed = True
+    try:
+        info = scoring.prepare()
+        previous = load_checkpoint(checkpoint) if resume and checkpoint.exists() else {}
+        counts = Counts.from_dict(previous.get("counts", {}))
+        tracker_state = tracker.start(config, info, previous.get("tracker"))
+
+        def score_batch(positions: list[np.ndarray]) -> list[ParticleScore]:
+            results = scoring.score(positions)
+            for r in results:
+                counts.fitness_calls += 1
+                counts.scorings += r.scored
+                counts.cache_hits += not r.scored
+                counts.task_cache_hits += r.task_cached
+                counts.examples_scored += r.examples
+                counts.add(r.usage)
+            return results
+
+        def step(report: StepReport) -> None:
+            tracker.log_step(report)
+            if on_step:
+                on_step(report)
+
+        optimizer = make_optimizer(config.optimizer, info.k, info.groups)
+        search = run_optimizer(optimizer, None, evaluate_batch=score_batch, checkpoint=checkpoint, resume=resume,
+                               on_step=step, counts=counts.as_dict, checkpoint_extra=lambda: {"tracker": tracker_state})
+        result = RunResult(config, info, search.best_position, search.best_fitness, search.best_scores,
+                           search.history, counts, output_dir=out)
+        if evaluate_heldout:
+            members = {label: member_coefficients(info.k, info.groups, j)
+                       for j, label in enumerate(info.labels[: 1 + len(config.experts)])}
+            rows = scoring.evaluate(members)
+            for name in config.baselines:
+                rows.append(scoring.baseline(name))
+                tracker.log_baseline(rows[-1])
+            rows += scoring.evaluate({result.merged_label: search.best_position})
+            for row in rows:
+                counts.add(row.usage)
+            result.rows = rows
+            result.model_dir = scoring.write_model(search.best_position, out / "model")
+            result.registration = tracker.finish(result, checkpoint)
+        failed = False
+        return result
+    finally:
+        tracker.close(failed)
+        scoring.close()
+
+
+def run_swarm(config: RunConfig, *, resume: bool = False, on_step: Callable[[StepReport], None] | None = None,
+              evaluate_heldout: bool = True, context: RunContext | None = None) -> RunResult:
+    """The library API: one run in this process, nothing tracked."""
+    return run_pipeline(config, scoring=InProcessScoring(config, context), resume=resume, on_step=on_step,
+                        evaluate_heldout=evaluate_heldout)

@@ -1,1 +1,0 @@
-"""MLflow tracking and model registry (imported only by the orchestration layer)."""

@@ -1,0 +1,77 @@
+"""CMA-ES (the ``cma`` package) over basis coefficients."""
+
+from __future__ import annotations
+
+import base64
+import pickle
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from psomerge.swarm.optimizer import Optimizer, OptimizerSettings
+
+
+class CMAESSettings(OptimizerSettings):
+    """CMA-ES. ``budget`` (fitness evaluations) defaults to what PSO-Merging spends with the
+    same ``steps``, K x (steps + 1); ``popsize`` defaults to K, PSO's particle count."""
+
+    type: Literal["cmaes"] = "cmaes"
+    budget: int | None = Field(None, gt=0)
+    popsize: int | None = Field(None, ge=2)
+    sigma0: float = Field(0.3, gt=0)
+
+    def resolved(self, k: int) -> "CMAESSettings":
+        return self.model_copy(update={"popsize": self.popsize or k, "budget": self.budget or k * (self.steps + 1)})
+
+
+class CMAES(Optimizer):
+    """CMA-ES (the ``cma`` package) over coefficients, started at the uniform average.
+
+    Free coefficients are sampled in R^(G*K) and projected onto the affine set (each row
+    shifted to sum to 1), so a proposal is always a valid particle.
+    """
+
+    name = "cmaes"
+
+    def __init__(self, k: int, groups: int, settings: CMAESSettings = CMAESSettings()):
+        super().__init__(k, groups, settings.seed)
+        import cma
+
+        self.settings = config = settings.resolved(k)
+        x0 = np.full(groups * k, 1.0 / k)
+        opts = {"popsize": config.popsize, "seed": config.seed + 1, "verbose": -9,
+                "randn": _SeededRandn(config.seed), "CMA_diagonal": False}
+        self.es = cma.CMAEvolutionStrategy(x0, config.sigma0, opts)
+
+    def _project(self, flat: np.ndarray) -> np.ndarray:
+        x = flat.reshape(self.groups, self.k)
+        return x + (1.0 - x.sum(axis=1, keepdims=True)) / self.k
+
+    def ask(self) -> list[np.ndarray]:
+        self._raw = self.es.ask()
+        return [self._project(np.asarray(r)) for r in self._raw]
+
+    def _tell(self, positions, fitness):
+        self.es.tell(self._raw, (-fitness).tolist())  # cma minimises
+
+    def done(self) -> bool:
+        return self.evaluations + self.settings.popsize > self.settings.budget
+
+    def _extra_state(self):
+        # CMA's covariance state has no JSON form; for G*K coefficients its pickle is a few KB
+        return {"cma": base64.b64encode(pickle.dumps(self.es)).decode(), "config": self.settings.model_dump()}
+
+    def _load_extra(self, state):
+        self.es = pickle.loads(base64.b64decode(state["cma"]))
+
+
+class _SeededRandn:
+    """cma's sampler with its own seeded generator (not numpy's global one), so a run is
+    reproducible and its state travels inside the pickled strategy."""
+
+    def __init__(self, seed: int):
+        self.rs = np.random.RandomState(seed)
+
+    def __call__(self, *shape: int) -> np.ndarray:
+        return self.rs.standard_normal(shape)
