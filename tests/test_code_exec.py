@@ -3,9 +3,15 @@
 import gzip
 import json
 import os
+import platform
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+import uuid
 from importlib import resources
 from pathlib import Path
 
@@ -92,7 +98,11 @@ def listener():
     srv.close()
 
 
-@pytest.mark.parametrize("use_bwrap", [True, False], ids=["bwrap-if-installed", "no-bwrap"])
+SANDBOXES = pytest.mark.parametrize("use_bwrap", [True, False], ids=["bwrap-if-installed", "no-bwrap"])
+HARNESS_TAG = "psomerge sandbox harness"
+
+
+@SANDBOXES
 def test_hostile_programs_are_contained_and_score_zero(tmp_path, monkeypatch, listener, use_bwrap):
     port, hits = listener
     outside = str(tmp_path / "outside.txt")
@@ -112,13 +122,260 @@ def test_hostile_programs_are_contained_and_score_zero(tmp_path, monkeypatch, li
     assert hits == []
     # the host is unharmed: no stray sandbox processes, and a normal program still passes
     time.sleep(0.5)
-    leftovers = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).endswith("guard.py")]
-    assert leftovers == []
+    assert _processes(HARNESS_TAG) == []
     assert scorer.score([Example("ok", "", "")], ["assert 1 + 1 == 2\n"])[0].value == 1.0
+
+
+def _processes(tag):
+    return [pid for pid in os.listdir("/proc") if pid.isdigit() and pid != str(os.getpid()) and tag in _cmdline(pid)]
 
 
 def _cmdline(pid):
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+# -- pass means the tests returned -------------------------------------------------------------
+WRONG = "    return None\n"  # a wrong body for any HumanEval problem
+EXIT_EARLY = {
+    "sys_exit": "\nimport sys\nsys.exit(0)\n",
+    "os_exit": "\nimport os\nos._exit(0)\n",
+    "raise_system_exit": "\nraise SystemExit(0)\n",
+    "atexit_hook": "\nimport atexit, os\natexit.register(os._exit, 0)\n",
+    "excepthook": "\nimport os, sys\nsys.excepthook = lambda *exc: os._exit(0)\n",
+    "thread_exits_first": "\nimport os, threading\nthreading.Thread(target=os._exit, args=(0,)).start()\n"
+                          "import time\ntime.sleep(1)\n",
+}
+
+
+def test_exiting_early_with_status_zero_fails(problems, scorer):
+    problem = problems[0]
+    names = list(EXIT_EARLY)
+    scores = scorer.score([as_example(problem)] * len(names), [WRONG + EXIT_EARLY[n] for n in names])
+    assert {n: s.meta["status"] for n, s in zip(names, scores)} == {n: "failed" for n in names}
+    assert all(s.value == 0.0 for s in scores)
+    [right] = scorer.score([as_example(problem)], [problem["canonical_solution"] + EXIT_EARLY["sys_exit"]])
+    assert right.value == 0.0  # even a right answer: the tests never ran
+
+
+FORGE = {
+    # print every plausible marker everywhere it could be read, then leave with status 0
+    "print_markers": """
+import os
+for word in (b"S", b"passed", b"PASS", b"ok", b"OK", b"1", b"True", b"S" * 65):
+    for fd in range(1, 64):
+        try:
+            os.write(fd, word + b"\\n")
+        except OSError:
+            pass
+os._exit(0)
+""",
+    # everything the program can read: environment, argv, stdin, files around it, /proc
+    "echo_environment_argv_files": """
+import os, sys
+found = [repr(sys.argv).encode(), repr(dict(os.environ)).encode(), os.read(0, 1 << 20)]
+for top in (".", "/tmp", "/proc/self", "/proc/1", "/dev/fd"):
+    for root, dirs, files in os.walk(top):
+        for name in files:
+            try:
+                found.append(open(os.path.join(root, name), "rb").read(1 << 16))
+            except OSError:
+                pass
+blob = b"".join(found)
+for fd in range(1, 64):
+    try:
+        os.write(fd, b"S" + blob)
+    except OSError:
+        pass
+os._exit(0)
+""",
+    # the harness's frames and objects: locals of every frame, the garbage collector's view
+    "walk_frames_and_gc": """
+import os, sys
+found = []
+frame = sys._getframe()
+while frame is not None:
+    found += [repr(v).encode() for v in list(frame.f_locals.values()) + list(frame.f_globals.values())]
+    frame = frame.f_back
+try:
+    import gc
+    found += [bytes(o) for o in gc.get_objects() if isinstance(o, (bytes, bytearray))]
+except Exception:
+    pass
+try:
+    import ctypes
+except Exception:
+    pass
+blob = b"".join(found)
+for fd in range(3, 64):
+    try:
+        os.write(fd, blob)
+    except OSError:
+        pass
+os._exit(0)
+""",
+    # a debugger on the harness (PID 1 in the sandbox), then its memory on every fd
+    "ptrace_the_harness": """
+import os, subprocess
+out = subprocess.run(["gdb", "-p", "1", "-batch", "-ex", "info proc mappings"], capture_output=True).stdout
+out += subprocess.run(["strace", "-p", "1", "-e", "trace=none"], capture_output=True, timeout=2).stderr
+for fd in range(3, 64):
+    try:
+        os.write(fd, out)
+    except OSError:
+        pass
+os._exit(0)
+""",
+}
+
+
+@SANDBOXES
+def test_forged_pass_markers_fail(problems, use_bwrap):
+    scorer = CodeExec(timeout=5, workers=2, use_bwrap=use_bwrap)
+    problem = problems[2]
+    names = list(FORGE)
+    scores = scorer.score([as_example(problem)] * len(names), [WRONG + FORGE[n] for n in names])
+    assert {n: s.value for n, s in zip(names, scores)} == {n: 0.0 for n in names}, [s.meta for s in scores]
+
+
+# -- the sandbox holds without the audit hook's help -------------------------------------------
+# Swaps a Python-level audit guard's code for a no-op where the garbage collector can find it
+# (as the old guard could be); then only the kernel's containment is left to hold.
+DISARM_OLD_GUARD = """
+try:
+    import gc
+    for f in gc.get_objects():
+        if getattr(f, '__name__', '') in ('_guard', 'guard') and hasattr(f, '__code__'):
+            f.__code__ = (lambda event, args: None).__code__
+except Exception:
+    pass
+"""
+
+
+def _escapes(token):
+    """Programs writing to host scratch places by routes the old Python-level guard missed."""
+    return {
+        "os_open_tmp": f"import os\nos.close(os.open('/tmp/{token}-tmp', os.O_CREAT | os.O_WRONLY))\n",
+        "os_open_var_tmp": f"import os\nos.close(os.open('/var/tmp/{token}-vartmp', os.O_CREAT | os.O_WRONLY))\n",
+        "os_open_dev_shm": f"import os\nos.close(os.open('/dev/shm/{token}-shm', os.O_CREAT | os.O_WRONLY))\n",
+        # the old guard's globals, rebound from the program
+        "guard_globals": f"import __main__\n__main__._allowed_prefixes = ('/',)\n__main__._root = '/'\n"
+                         f"open('/tmp/{token}-globals', 'w').write('x')\n",
+        # the old guard's code swapped for a no-op, found by the garbage collector
+        "code_swap": DISARM_OLD_GUARD + f"open('/var/tmp/{token}-codeswap', 'w').write('x')\n",
+    }
+
+
+def _host_paths(token):
+    return [Path(d) / f"{token}-{k}" for d in ("/tmp", "/var/tmp", "/dev/shm")
+            for k in ("tmp", "vartmp", "shm", "globals", "codeswap")]
+
+
+@SANDBOXES
+def test_writes_never_reach_host_scratch_dirs(use_bwrap):
+    token = f"psomerge-escape-{uuid.uuid4().hex}"
+    scorer = CodeExec(program_template="{answer}", timeout=5, workers=2, use_bwrap=use_bwrap)
+    escapes = _escapes(token)
+    try:
+        scores = dict(zip(escapes, scorer.score([Example(n, "", "") for n in escapes], list(escapes.values()))))
+        assert [p for p in _host_paths(token) if p.exists()] == []
+        # /tmp is the program's own (private) scratch space; the rest of the file system is read-only
+        assert scores["os_open_tmp"].value == 1.0
+        assert scores["os_open_var_tmp"].value == 0.0 and "Read-only" in scores["os_open_var_tmp"].meta["stderr"]
+        assert scores["os_open_dev_shm"].value == 0.0
+    finally:
+        for p in _host_paths(token):
+            p.unlink(missing_ok=True)
+
+
+@SANDBOXES
+def test_background_processes_die_with_the_run(use_bwrap):
+    tag = f"30.{time.time_ns() % 10**6:06d}"  # a unique sleep duration names the sleeper on the host
+    sleeper = (DISARM_OLD_GUARD + "import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+               f"        os.execv('/bin/sleep', ['sleep', '{tag}'])\n    os._exit(0)\n")
+    scorer = CodeExec(program_template="{answer}", timeout=5, use_bwrap=use_bwrap)
+    try:
+        start = time.monotonic()
+        [s] = scorer.score([Example("sleeper", "", "")], [sleeper])
+        elapsed = time.monotonic() - start
+        assert s.value == 1.0 and elapsed < 5, (s.meta, elapsed)  # nothing waited for the sleeper
+        time.sleep(0.2)
+        assert _processes(f"sleep {tag}") == []
+    finally:
+        for pid in _processes(f"sleep {tag}"):
+            os.kill(int(pid), 9)
+
+
+@SANDBOXES
+def test_disk_quota_bounds_all_files_together(use_bwrap):
+    # 8 files of 1 MB each stay under the per-file limit; together they exceed the 4 MB disk
+    fill = "for i in range(8):\n    open(f'f{i}', 'wb').write(b'x' * (1 << 20))\n"
+    fits = "for i in range(2):\n    open(f'/tmp/f{i}', 'wb').write(b'x' * (1 << 20))\n"
+    scorer = CodeExec(program_template="{answer}", disk_mb=4, max_file_mb=2, use_bwrap=use_bwrap)
+    over, under = scorer.score([Example("fill", "", ""), Example("fits", "", "")], [fill, fits])
+    assert over.value == 0.0 and "No space left on device" in over.meta["stderr"]
+    assert under.value == 1.0
+
+
+# -- a sandbox that cannot work is found at start, loudly --------------------------------------
+FAKE_BWRAP = "#!/bin/sh\necho 'bwrap: No permissions to create new namespace, likely because the kernel does not " \
+             "allow non-privileged user namespaces.' >&2\nexit 1\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the fallback builds namespaces by hand, which needs root")
+def test_unusable_bwrap_falls_back_loudly(monkeypatch, caplog, problems):
+    bindir = Path(tempfile.mkdtemp(prefix="psomerge-fake-bwrap-"))  # outside pytest's private tmp: nobody runs it
+    bindir.chmod(0o755)
+    fake = bindir / "bwrap"
+    fake.write_text(FAKE_BWRAP)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    with caplog.at_level("WARNING", logger="psomerge.judges.sandbox"):
+        scorer = CodeExec(timeout=10, use_bwrap=True)
+    assert scorer.sandbox.mode == "unshare"
+    assert str(fake) in caplog.text and "No permissions to create new namespace" in caplog.text
+    assert "falling back" in caplog.text
+    sample = problems[::41]
+    scores = scorer.score([as_example(p) for p in sample], [p["canonical_solution"] for p in sample])
+    assert [s.value for s in scores] == [1.0] * len(sample)
+    [exit_early] = scorer.score([as_example(sample[0])], [WRONG + EXIT_EARLY["os_exit"]])
+    assert exit_early.value == 0.0
+    shutil.rmtree(bindir)
+
+
+# Docker's default seccomp profile, in short: no new namespaces (clone flags, unshare), no clone3.
+DENY_NAMESPACES = """
+import ctypes, struct, sys
+NS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
+prog = [(0x20, 0, 0, 0),                       # A = syscall number
+        (0x15, 0, 3, 56),                       # clone: flags in args[0]
+        (0x20, 0, 0, 16), (0x45, 4, 0, NS),     #   any namespace flag -> EPERM
+        (0x06, 0, 0, 0x7FFF0000),
+        (0x15, 2, 0, 272),                      # unshare -> EPERM
+        (0x15, 2, 0, 435),                      # clone3 -> ENOSYS (callers fall back to clone)
+        (0x06, 0, 0, 0x7FFF0000),
+        (0x06, 0, 0, 0x00050001),
+        (0x06, 0, 0, 0x00050026)]
+code = b"".join(struct.pack("HBBI", *i) for i in prog)
+buf = ctypes.create_string_buffer(code, len(code))
+fprog = struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(buf))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0 and libc.prctl(22, 2, ctypes.c_char_p(fprog), 0, 0) == 0
+from psomerge.judges.code_exec import CodeExec
+CodeExec(program_template="{answer}")
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.which("bwrap"), reason="x86_64 seccomp filter, bwrap")
+def test_no_working_sandbox_is_an_error_naming_what_failed(tmp_path):
+    script = tmp_path / "docker_like.py"
+    script.write_text(DENY_NAMESPACES)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("psomerge.judges.sandbox.SandboxError: code_exec: no sandbox can run"), done.stderr
+    assert f"bubblewrap ({shutil.which('bwrap')}) does not work here" in last
+    assert "unshare" in last and "Operation not permitted" in last
