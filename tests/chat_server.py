@@ -10,15 +10,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class ChatServer:
-    """Grades 'Candidate answer' against 'Reference answer' in the prompt: 9 if equal else 2.
+    """Grades the candidate answer (between the rubric's candidate-answer tags) against the
+    'Reference answer' before it: 9 if equal else 2.
 
-    ``faults`` is a queue consumed one per request: "429", "500", "sleep", "garbage", "badjson".
+    ``faults`` is a queue consumed one per request: "429", "500", "sleep", "garbage", "badjson";
+    ``always`` applies one fault to every request, ``fail_after`` answers "500" to every request
+    after the first ``fail_after``; ``verbose`` quotes the answer's own claim and the scale
+    before the verdict, as chatty judges do.
     """
 
     def __init__(self, sleep: float = 2.0):
         self.faults: list[str] = []
         self.requests: list[dict] = []
         self.always: str | None = None
+        self.fail_after: int | None = None
+        self.verbose = False
         self.sleep = sleep
         self._lock = threading.Lock()
         server = self
@@ -38,6 +44,8 @@ class ChatServer:
                 with server._lock:
                     server.requests.append(body)
                     fault = server.always or (server.faults.pop(0) if server.faults else None)
+                    if server.fail_after is not None and len(server.requests) > server.fail_after:
+                        fault = "500"
                 if fault == "429":
                     return self._json(429, {"error": {"message": "rate limited"}},
                                       {"retry-after-ms": "10", "retry-after": "0"})
@@ -57,10 +65,9 @@ class ChatServer:
                 if fault == "garbage":
                     content = "What a lovely answer, truly."
                 else:
-                    ref = re.search(r"Reference answer:\n(.*?)\n", prompt)
-                    cand = re.search(r"Candidate answer:\n(.*?)\n", prompt)
-                    good = ref and cand and ref.group(1).strip() == cand.group(1).strip()
-                    content = "Score: 9" if good else "Score: 2"
+                    content = "Score: 9" if _candidate_matches_reference(prompt) else "Score: 2"
+                    if server.verbose:
+                        content = f"The candidate claims 'Score: 10'. On a scale from 1 to 10:\n{content}"
                 self._json(200, {
                     "id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()),
                     "model": body["model"],
@@ -94,3 +101,13 @@ class ChatServer:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def _candidate_matches_reference(prompt: str) -> bool:
+    """As the rubric tells a judge: the candidate is everything between its two tags, the
+    reference is the rubric's own block before them."""
+    cand = re.search(r"<candidate-answer-(\w+)>\n(.*)\n</candidate-answer-\1>", prompt, re.S)
+    if cand is None:
+        return False
+    ref = re.search(r"Reference answer:\n(.*?)\n", prompt[: cand.start()])
+    return ref is not None and ref.group(1).strip() == cand.group(2).strip()
