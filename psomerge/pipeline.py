@@ -149,9 +149,10 @@ class RunContext:
     def __init__(self, config: RunConfig):
         self.config = config
         cache_root = data_dir() / "cache"
-        self.basis: Basis = build_basis(config.base, config.experts, cache_root / "basis", config.basis)
-        # identical (prompt, answer) pairs are judged once, across runs
+        # scorers first: an unusable one (a code sandbox that cannot work here) fails before the basis is built;
+        # identical judge rubrics are judged once, across runs
         self.suites = [EvalSuite.from_settings(s, judge_cache=cache_root / "judge.sqlite") for s in config.suites]
+        self.basis: Basis = build_basis(config.base, config.experts, cache_root / "basis", config.basis)
         device = "cuda" if config.basis.storage == "cuda" else "cpu"
         self.evaluator = ParticleEvaluator(self.basis, self.suites, FitnessCache(config.fitness_cache_path()),
                                            lambda: open_generator(config.generation, config.base, device),

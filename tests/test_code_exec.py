@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from psomerge.judges.code_exec import CodeExec
+from psomerge.judges.code_exec import CodeExec, SandboxError
 from psomerge.judges.protocol import Example
 
 
@@ -363,7 +363,7 @@ buf = ctypes.create_string_buffer(code, len(code))
 fprog = struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(buf))
 libc = ctypes.CDLL(None, use_errno=True)
 assert libc.prctl(38, 1, 0, 0, 0) == 0 and libc.prctl(22, 2, ctypes.c_char_p(fprog), 0, 0) == 0
-from psomerge.judges.code_exec import CodeExec
+from psomerge.judges.code_exec import CodeExec, SandboxError
 CodeExec(program_template="{answer}")
 """
 
@@ -379,3 +379,19 @@ def test_no_working_sandbox_is_an_error_naming_what_failed(tmp_path):
     assert last.startswith("psomerge.judges.sandbox.SandboxError: code_exec: no sandbox can run"), done.stderr
     assert f"bubblewrap ({shutil.which('bwrap')}) does not work here" in last
     assert "unshare" in last and "Operation not permitted" in last
+
+
+def test_unusable_sandbox_stops_a_run_before_the_basis_is_built(char_family, tmp_path, monkeypatch):
+    from psomerge.config import RunConfig
+    from psomerge.pipeline import RunContext
+
+    root, experts, data = char_family
+    monkeypatch.setenv("PSOMERGE_HOME", str(tmp_path / "home"))
+    name, path = next(iter(data.items()))
+    cfg = RunConfig.from_dict({
+        "base": str(root / "base"), "experts": [str(e) for e in experts], "baselines": [],
+        "suites": [{"name": name, "dataset": str(path), "optimisation_size": 4, "heldout_size": 4,
+                    "judge": {"type": "code_exec", "memory_mb": 8}}]})  # too little for the interpreter to start
+    with pytest.raises(SandboxError, match="no sandbox can run a trivial program.*memory 8 MB"):
+        RunContext(cfg)
+    assert not (tmp_path / "home" / "cache" / "basis").exists()
