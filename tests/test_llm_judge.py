@@ -202,7 +202,7 @@ def test_api_key_pasted_into_api_key_env_is_refused(tmp_path, value):
     with pytest.raises(ConfigError, match=r"run.yaml: key 'suites.0.judge.api_key_env'") as err:
         RunConfig.load(path, check_paths=False)
     assert value not in str(err.value)
-    for name in ("OPENAI_API_KEY", "PSOMERGE_TEST_KEY", "my_key", "AZURE_OPENAI_API_KEY_2"):
+    for name in ("OPENAI_API_KEY", "PSOMERGE_TEST_KEY", "my_key", "AZURE_OPENAI_API_KEY_2", "HF_TOKEN", "hf_token"):
         LLMJudge(model="judge", api_key_env=name)
 
 

@@ -48,7 +48,7 @@ _SCALE = re.compile(rf"(?:\b(?:from|between)\s+)?{_NUM}\s*(?:-|–|to|and)\s*{_N
 _OUT_OF = re.compile(rf"({_NUM})\s*(?:/|out\s+of)\s*{_NUM}", re.IGNORECASE)
 _NUMBER = re.compile(_NUM)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_KEY_PREFIX = re.compile(r"(sk|pk|rk|hf|ghp|gho|ghs|ghu|gsk|xai|glpat|xox[abpr])[-_]|AIza", re.IGNORECASE)
+_KEY_PREFIX = re.compile(r"(sk|pk|rk|hf|ghp|gho|ghs|ghu|gsk|xai|glpat|xox[abpr])[-_]|AIza")  # as issuers write them
 _SECRET_PARAM = re.compile(r"key|token|secret|passw|sig|auth", re.IGNORECASE)
 
 
@@ -112,7 +112,7 @@ class LLMJudgeSettings(StrictModel):
     @classmethod
     def _names_a_variable(cls, name: str) -> str:
         # never echo the value: it may be the key itself, and config errors get logged
-        if not _ENV_NAME.fullmatch(name) or _KEY_PREFIX.match(name) or _looks_random(name):
+        if not _ENV_NAME.fullmatch(name) or _looks_like_a_key(name):
             raise ValueError("must be the name of an environment variable holding the key (like OPENAI_API_KEY), "
                              "never the key itself; the value given is not a variable name or looks like a key "
                              "(not repeated here)")
@@ -140,10 +140,11 @@ class LLMJudgeSettings(StrictModel):
         return scale
 
 
-def _looks_random(name: str) -> bool:
-    """A long mix of upper case, lower case and digits: how keys look, not variable names."""
-    return len(name) >= 20 and any(c.islower() for c in name) and any(c.isupper() for c in name) \
-        and sum(c.isdigit() for c in name) >= 2
+def _looks_like_a_key(name: str) -> bool:
+    """Long, and an issuer's key prefix or a mix of upper case, lower case and digits: how keys
+    look, not variable names (HF_TOKEN, OPENAI_API_KEY, my_key pass)."""
+    mixed = any(c.islower() for c in name) and any(c.isupper() for c in name) and sum(c.isdigit() for c in name) >= 2
+    return len(name) >= 20 and (bool(_KEY_PREFIX.match(name)) or mixed)
 
 
 class LLMJudge:

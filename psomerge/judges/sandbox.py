@@ -122,7 +122,7 @@ class Sandbox:
     def run(self, source: str, limits: Limits, timeout: float) -> RunOutcome:
         secret = secrets.token_hex(32).encode()
         result_r, result_w = os.pipe()
-        spec = {"mode": self.mode, "bwrap": self.bwrap, "uid": self.uid, "result_fd": result_w,
+        spec = {"mode": self.mode, "bwrap": self.bwrap, "uid": self.uid,
                 "argv": [self.python, "-I", "-S", "-B", "-c", HARNESS, str(result_w)],
                 "env": {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"},
                 "cpu": limits.cpu_seconds, "address_space": limits.memory_bytes, "file_size": limits.file_bytes,
