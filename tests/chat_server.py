@@ -106,7 +106,7 @@ class ChatServer:
 def _candidate_matches_reference(prompt: str) -> bool:
     """As the rubric tells a judge: the candidate is everything between its two tags, the
     reference is the rubric's own block before them."""
-    cand = re.search(r"<candidate-answer-(\w+)>\n(.*)\n</candidate-answer-\1>", prompt, re.S)
+    cand = re.search(r"<candidate-answer-(\w+)>\n(.*)\n</candidate-answer-\1>", prompt, re.DOTALL)
     if cand is None:
         return False
     ref = re.search(r"Reference answer:\n(.*?)\n", prompt[: cand.start()])

@@ -2,7 +2,7 @@
 returned.
 
 Each program runs in a fresh sandbox (``psomerge.judges.sandbox``): the kernel contains it
-(namespaces, a read-only host, a private size-limited ``/tmp``, rlimits, ``nobody``), and it
+(namespaces, a read-only host, a private size-limited ``/tmp``, rlimits, no root), and it
 passes only when the harness saw ``exec`` of the whole program (tests included) return, as
 HumanEval's harness records a pass only after ``check(...)`` returned: exiting early with
 status 0 is a fail. The sandbox is probed once, when the scorer is made: one that cannot work

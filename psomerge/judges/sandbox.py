@@ -4,9 +4,11 @@ Containment (``sandbox_init.py`` builds it; bubblewrap or, as root, namespaces b
 fresh mount, PID, network, IPC, UTS and cgroup namespaces; the host's files read-only;
 ``/proc`` and ``/dev/shm`` empty; one writable place, ``/tmp`` (the working directory), a
 private tmpfs whose size is the program's whole disk quota; rlimits on CPU, memory, file
-size and processes; the ``nobody`` user when started as root; no new privileges; a seccomp
-filter against the ptrace family. The harness is the namespace's PID 1, so every process a
-program starts dies with it, and a run never waits on a leftover.
+size and processes; when started as root, a user id of its own per run, from a range no
+account uses (it owns no file, and one run's processes never count against another's process
+limit); no new privileges; a seccomp filter against the ptrace family. The harness is the
+namespace's PID 1, so every process a program starts dies with it, and a run never waits on
+a leftover.
 
 Pass = the tests returned. The scorer sends the harness a fresh random secret on stdin, with
 the program; the harness reads both before any program code exists, writes ``S`` on a
@@ -22,6 +24,7 @@ never started the program: a ``SandboxError``, never a score.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -40,7 +43,8 @@ from psomerge.errors import PsomergeError
 
 log = logging.getLogger(__name__)
 
-NOBODY = 65534
+RUN_UIDS = range(2_000_000_000, 2_000_000_000 + 65536)  # one per run, in turn; no account's
+_run_counter = itertools.count()
 INIT = Path(__file__).with_name("sandbox_init.py")
 PROBE_TIMEOUT = 30.0
 
@@ -109,11 +113,12 @@ class RunOutcome:
 @dataclass(frozen=True)
 class Sandbox:
     """One way of running programs (``mode`` ``bwrap`` with the bubblewrap at ``bwrap``, or
-    ``unshare``) with one interpreter; ``run`` runs one program under ``limits``."""
+    ``unshare``) with one interpreter, dropping root (``drop_root``) to a fresh user id per run;
+    ``run`` runs one program under ``limits``."""
 
     mode: str
     python: str
-    uid: int | None
+    drop_root: bool
     bwrap: str | None = None
 
     def describe(self) -> str:
@@ -122,7 +127,8 @@ class Sandbox:
     def run(self, source: str, limits: Limits, timeout: float) -> RunOutcome:
         secret = secrets.token_hex(32).encode()
         result_r, result_w = os.pipe()
-        spec = {"mode": self.mode, "bwrap": self.bwrap, "uid": self.uid,
+        uid = RUN_UIDS[next(_run_counter) % len(RUN_UIDS)] if self.drop_root else None
+        spec = {"mode": self.mode, "bwrap": self.bwrap, "uid": uid,
                 "argv": [self.python, "-I", "-S", "-B", "-c", HARNESS, str(result_w)],
                 "env": {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"},
                 "cpu": limits.cpu_seconds, "address_space": limits.memory_bytes, "file_size": limits.file_bytes,
@@ -188,11 +194,12 @@ def sandbox_for(use_bwrap: bool, limits: Limits) -> Sandbox:
         return _probed(use_bwrap, shutil.which("bwrap") if use_bwrap else None, limits)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probed(use_bwrap: bool, bwrap: str | None, limits: Limits) -> Sandbox:
-    python, uid = _interpreter()
+    python, drop_root = _interpreter()
     failures = []
-    candidates = ([Sandbox("bwrap", python, uid, bwrap)] if bwrap else []) + [Sandbox("unshare", python, uid)]
+    candidates = [Sandbox("bwrap", python, drop_root, bwrap)] if bwrap else []
+    candidates.append(Sandbox("unshare", python, drop_root))
     for sandbox in candidates:
         reason = _probe(sandbox, limits)
         if reason is None:
@@ -220,20 +227,20 @@ def _probe(sandbox: Sandbox, limits: Limits) -> str | None:
     return None
 
 
-def _interpreter() -> tuple[str, int | None]:
-    """The Python to run programs with, and the user to run them as (None: this user).
+def _interpreter() -> tuple[str, bool]:
+    """The Python to run programs with, and whether to drop root for them.
 
-    As root, programs run as ``nobody``, with an interpreter ``nobody`` can execute (this one
-    may live under a private home); with none, the sandbox refuses to run rather than run
-    untrusted code as root.
+    As root, programs run as a user of their own, with an interpreter any user can execute
+    (this one may live under a private home); with none, the sandbox refuses to run rather
+    than run untrusted code as root.
     """
     if os.geteuid() != 0:
-        return sys.executable, None
+        return sys.executable, False
     for candidate in (sys.executable, shutil.which("python3") or "", "/usr/bin/python3"):
         if candidate and _world_executable(candidate):
-            return candidate, NOBODY
-    raise SandboxError(f"code_exec: no Python interpreter that the 'nobody' user can execute (tried "
-                       f"{sys.executable}, python3 on PATH, /usr/bin/python3); untrusted code never runs as root")
+            return candidate, True
+    raise SandboxError(f"code_exec: no Python interpreter that any user can execute (tried {sys.executable}, "
+                       "python3 on PATH, /usr/bin/python3); untrusted code never runs as root")
 
 
 def _world_executable(path: str) -> bool:

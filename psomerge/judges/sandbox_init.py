@@ -1,7 +1,7 @@
 """The code sandbox's launcher: a trusted program (standard library only) that the scorer
 starts with its own interpreter, ``python -I -S -B sandbox_init.py SPEC_JSON``.
 
-It sets the limits, drops root to ``nobody``, installs a seccomp filter, and starts the
+It sets the limits, drops root to the run's own user id (``SPEC.uid``), installs a seccomp filter, and starts the
 untrusted interpreter in fresh namespaces, one of two ways (``SPEC.mode``):
 
 - ``bwrap``: exec bubblewrap, which builds the namespaces and the file system view;
