@@ -396,3 +396,15 @@ def test_unusable_sandbox_stops_a_run_before_the_basis_is_built(char_family, tmp
     with pytest.raises(SandboxError, match="no sandbox can run a trivial program.*memory 8 MB"):
         RunContext(cfg)
     assert not (tmp_path / "home" / "cache" / "basis").exists()
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace")
+@SANDBOXES
+def test_no_sandboxed_process_can_trace_another(use_bwrap):
+    # tracing one's own child is allowed to any user; the sandbox's seccomp filter refuses it, so no
+    # process a program starts can read the harness's memory (and its pass marker)
+    trace = "import subprocess\nassert subprocess.run(['strace', '-f', '-o', '/dev/null', 'true']).returncode == 0\n"
+    scorer = CodeExec(program_template="{answer}", use_bwrap=use_bwrap)
+    [s] = scorer.score([Example("strace", "", "")], [trace])
+    assert s.value == 0.0 and "Operation not permitted" in s.meta["stderr"], s.meta
+    assert subprocess.run(["strace", "-f", "-o", "/dev/null", "true"], check=False).returncode == 0  # outside: allowed

@@ -28,6 +28,7 @@ import itertools
 import json
 import logging
 import os
+import platform
 import secrets
 import select
 import shutil
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from psomerge.errors import PsomergeError
+from psomerge.judges.sandbox_init import seccomp_filter
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +207,9 @@ def _probed(use_bwrap: bool, bwrap: str | None, limits: Limits) -> Sandbox:
         if reason is None:
             if failures:
                 log.warning("code sandbox: %s; falling back to %s", "; ".join(failures), sandbox.describe())
+            if not seccomp_filter():
+                log.warning("code sandbox: no seccomp syscall table for %s: a program's child processes could "
+                            "ptrace the harness and read its pass marker", platform.machine())
             return sandbox
         failures.append(f"{sandbox.describe()} does not work here: {reason}")
     if use_bwrap and not bwrap:
