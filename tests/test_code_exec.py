@@ -325,23 +325,29 @@ FAKE_BWRAP = "#!/bin/sh\necho 'bwrap: No permissions to create new namespace, li
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the fallback builds namespaces by hand, which needs root")
-def test_unusable_bwrap_falls_back_loudly(monkeypatch, caplog, problems):
-    bindir = Path(tempfile.mkdtemp(prefix="psomerge-fake-bwrap-"))  # outside pytest's private tmp: nobody runs it
-    bindir.chmod(0o755)
-    fake = bindir / "bwrap"
-    fake.write_text(FAKE_BWRAP)
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+def test_unusable_bwrap_falls_back_loudly(fake_bwrap, caplog, problems):
     with caplog.at_level("WARNING", logger="psomerge.judges.sandbox"):
         scorer = CodeExec(timeout=10, use_bwrap=True)
     assert scorer.sandbox.mode == "unshare"
-    assert str(fake) in caplog.text and "No permissions to create new namespace" in caplog.text
+    assert str(fake_bwrap) in caplog.text and "No permissions to create new namespace" in caplog.text
     assert "falling back" in caplog.text
     sample = problems[::41]
     scores = scorer.score([as_example(p) for p in sample], [p["canonical_solution"] for p in sample])
     assert [s.value for s in scores] == [1.0] * len(sample)
     [exit_early] = scorer.score([as_example(sample[0])], [WRONG + EXIT_EARLY["os_exit"]])
     assert exit_early.value == 0.0
+
+
+@pytest.fixture
+def fake_bwrap(monkeypatch):
+    """A bwrap on PATH that fails as a seccomp-blocked one does (in a folder any user can read)."""
+    bindir = Path(tempfile.mkdtemp(prefix="psomerge-fake-bwrap-"))
+    bindir.chmod(0o755)
+    fake = bindir / "bwrap"
+    fake.write_text(FAKE_BWRAP)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    yield fake
     shutil.rmtree(bindir)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import platform
 import resource
 import signal
 import struct
@@ -49,7 +48,7 @@ class SetupError(Exception):
 def seccomp_filter(machine: str | None = None) -> bytes:
     """A BPF program denying the ptrace family with EPERM (and killing foreign-ABI calls);
     empty for a machine it has no syscall table for."""
-    entry = _ARCH.get(machine or platform.machine())
+    entry = _ARCH.get(machine or os.uname().machine)
     if entry is None:
         return b""
     arch, *denied = entry
