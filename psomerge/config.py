@@ -25,6 +25,9 @@ from psomerge.merging.baselines import STATIC_BASELINES
 from psomerge.swarm.basis import BasisSettings
 from psomerge.swarm.optimizers import OptimizerChoice
 from psomerge.swarm.pso import PSOSettings
+from psomerge.swarm.racing import RacingSettings
+from psomerge.swarm.selection import SelectionSettings
+from psomerge.swarm.warm_start import WarmStartSettings
 from psomerge.yamlconfig import StrictModel, read_yaml, tagged_union, validate
 
 
@@ -68,6 +71,9 @@ class RunConfig(StrictModel):
     runner: RunnerSettings = ThreadsRunner()
     registry: RegistrySettings = RegistrySettings()
     baselines: list[str] = list(STATIC_BASELINES)  # static merges reported (and scored) beside the search
+    racing: RacingSettings | None = None  # score particles on slices, stop those that cannot beat their target
+    warm_start: WarmStartSettings | None = None  # start the search at the static merges
+    selection: SelectionSettings = SelectionSettings()  # used where suites have a validation split
     output_dir: Path | None = None  # default: <data dir>/runs/<name>
     cache_path: Path | None = None  # default: <data dir>/cache/fitness.sqlite
     source: str = Field("<config>", exclude=True)
