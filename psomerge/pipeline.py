@@ -384,7 +384,7 @@ def run_pipeline(
                                                          "evaluated": [[x.tolist(), f] for x, f in evaluated]})
         result = RunResult(config, info, search.best_position, search.best_fitness, search.best_scores,
                            search.history, counts, output_dir=out)
-        if evaluate_heldout and any(s.validation_size for s in config.suites):
+        if evaluate_heldout and config.selection is not None and any(s.validation_size for s in config.suites):
             _select(result, scoring, evaluated, starts + _member_starts(info), counts)
         if evaluate_heldout:
             members = {label: member_coefficients(info.k, info.groups, j)

@@ -217,3 +217,37 @@ def test_warm_start_particles_materialise_to_the_static_merges(tmp_path, family)
         merged = load_file(merges[name] / "model.safetensors")
         for tensor, value in merged.items():
             assert torch.allclose(written[tensor], value, atol=1e-6), (name, tensor)
+
+
+def test_psomerge_preset_warm_starts_races_and_selects_on_validation(char_family, tmp_path, monkeypatch):
+    from psomerge.config import RunConfig
+    from psomerge.pipeline import run_swarm
+
+    root, experts, data = char_family
+    monkeypatch.setenv("PSOMERGE_HOME", str(tmp_path))
+    cfg = RunConfig.from_dict({
+        "name": "default", "base": str(root / "base"), "experts": [str(e) for e in experts],
+        "suites": [{"name": n, "dataset": str(p), "optimisation_size": 12, "validation_size": 8, "heldout_size": 16,
+                    "judge": {"type": "exact_match", "normalizer": "none"},
+                    "fitness": [{"scorer": "judge", "weight": 1.0},
+                                {"scorer": {"type": "answer_likelihood", "append_eos": True}, "weight": 1.0}]}
+                   for n, p in data.items()],
+        "generation": {"max_new_tokens": 6, "batch_size": 64},
+        "optimizer": {"type": "pso", "steps": 2},
+        "warm_start": {"members": ["ties"], "task_arithmetic": [0.8]},
+        "racing": {"chunk": 4, "min_examples": 4}, "baselines": ["ties"],
+        "output_dir": str(tmp_path / "run"),
+    })
+    run = run_swarm(cfg)
+    assert run.basis.labels[-1] == "merge:ties" and run.basis.k == 2 * 2 + 1 + 1
+    # the paper's one-hot particles, plus the average and task arithmetic at 0.8: 8 a step
+    assert run.counts.fitness_calls == 8 * 3
+    assert run.candidates and any(np.array_equal(run.best_position, c.position) for c in run.candidates)
+    assert any(c.origin == "warm start" for c in run.candidates) or len(run.candidates) == 4
+    chosen = max(run.candidates, key=lambda c: (c.validation_fitness, c.search_fitness))
+    assert np.array_equal(run.best_position, chosen.position)
+    assert run.counts.selection_examples == len(run.candidates) * 16  # 8 validation examples x 2 suites
+    assert [r.label for r in run.rows] == ["base", "expert:e0", "expert:e1", "ties", "psomerge:pso"]
+    assert all(r.validation is not None for r in run.rows)
+    # racing: examples scored are fewer than full evaluations would have been (12 x 2 per scoring)
+    assert run.counts.examples_scored <= run.counts.scorings * 24

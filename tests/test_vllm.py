@@ -46,7 +46,7 @@ def _config(root, experts, data, tmp_path, backend: str, **generation):
     from psomerge.config import RunConfig
 
     return RunConfig.from_dict({
-        "name": f"vllm-{backend}", "base": str(root / "base"), "experts": [str(e) for e in experts],
+        "name": f"vllm-{backend}", "preset": "paper", "base": str(root / "base"), "experts": [str(e) for e in experts],
         "suites": [{"name": n, "dataset": str(p), "optimisation_size": 12, "heldout_size": 12,
                     "judge": {"type": "exact_match", "normalizer": "none"}} for n, p in data.items()],
         "generation": {"backend": backend, "max_new_tokens": 6, **generation},

@@ -13,9 +13,30 @@ from psomerge.swarm.optimizer import Optimizer, OptimizerSettings
 from psomerge.swarm.warm_start import task_arithmetic_position
 
 
+def coarse_to_fine(n: int) -> list[int]:
+    """The indices 0..n-1 in an order whose every prefix is spread evenly over the range (the
+    van der Corput sequence, each value taken by the nearest index not yet taken): a grid
+    stopped early is still a coarse grid."""
+    order: list[int] = []
+    taken: set[int] = set()
+    i = 0
+    while len(order) < n:
+        u, f, j = 0.0, 0.5, i
+        while j:
+            u += f * (j & 1)
+            j >>= 1
+            f /= 2
+        free = [k for k in range(n) if k not in taken]
+        k = min(free, key=lambda k: abs(k / max(n - 1, 1) - u))
+        order.append(k)
+        taken.add(k)
+        i += 1
+    return order
+
+
 class ScaleGridSettings(OptimizerSettings):
     """``budget`` grid points (default: K x (steps + 1), PSO-Merging's budget) evenly spaced
-    over [low, high]."""
+    over [low, high], visited coarse to fine."""
 
     type: Literal["ta_grid"] = "ta_grid"
     budget: int | None = Field(None, gt=0)
@@ -36,7 +57,8 @@ class ScaleGrid(Optimizer):
         super().__init__(k, groups, settings.seed)
         self.settings = settings
         budget = settings.budget or k * (settings.steps + 1)
-        self.scales = np.linspace(settings.low, settings.high, budget)
+        grid = np.linspace(settings.low, settings.high, budget)
+        self.scales = grid[coarse_to_fine(budget)]
         self.n_experts = n_experts
 
     def ask(self) -> list[np.ndarray]:
