@@ -18,7 +18,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+)
 
 from psomerge.errors import PsomergeError
 
@@ -44,6 +46,70 @@ def _setup(verbose: bool) -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+
+
+class ConsoleProgress:
+    """Progress for a person: bars with counts, elapsed time and ETA on a terminal; where
+    output is not a terminal (CI logs, ``make demo > log``), where a bar would show only its
+    final state, a line per task every ``every`` seconds and when it ends."""
+
+    def __init__(self, out: Console, every: float = 10.0):
+        self.out, self.every = out, every
+        self.bars = None
+        if out.is_terminal:
+            self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=out)
+
+    def __enter__(self) -> "ConsoleProgress":
+        if self.bars is not None:
+            self.bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bars is not None:
+            self.bars.stop()
+
+    def start(self, what: str, total: int | None):
+        if self.bars is not None:
+            return _BarTask(self.bars, self.bars.add_task(what, total=total))
+        return _LogTask(self.out, what, total, self.every)
+
+
+class _BarTask:
+    def __init__(self, bars: Progress, task_id):
+        self.bars, self.task_id = bars, task_id
+
+    def advance(self, n: int = 1) -> None:
+        self.bars.advance(self.task_id, n)
+
+    def close(self) -> None:
+        self.bars.remove_task(self.task_id)
+
+
+class _LogTask:
+    def __init__(self, out: Console, what: str, total: int | None, every: float):
+        import time
+
+        self.out, self.what, self.total, self.every = out, what, total, every
+        self.done, self.clock = 0, time.monotonic
+        self.started = self.last = self.clock()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self.clock() - self.last >= self.every:
+            self._line()
+
+    def close(self) -> None:
+        if self.clock() - self.started >= self.every:  # short tasks stay quiet
+            self._line()
+
+    def _line(self) -> None:
+        self.last = self.clock()
+        elapsed = self.last - self.started
+        text = f"{self.what}: {self.done}" + (f"/{self.total}" if self.total else "") + f", {elapsed:.0f}s"
+        if self.total and self.done:
+            text += f", ETA {elapsed / self.done * (self.total - self.done):.0f}s"
+        self.out.log(text)
 
 
 def _fail(exc: PsomergeError) -> None:
@@ -73,15 +139,10 @@ def merge(
 
     try:
         parsed = MergeRecipe.load(recipe)
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-        ) as progress:
-            task = progress.add_task(f"{parsed.merge_method}", total=None)
-
-            def tick(name: str) -> None:
-                progress.advance(task)
-
-            result = run_merge(parsed, out, max_shard_bytes=_parse_size(shard_size), on_tensor=tick)
+        with ConsoleProgress(console) as progress:
+            task = progress.start(f"{parsed.merge_method}: tensors", None)
+            result = run_merge(parsed, out, max_shard_bytes=_parse_size(shard_size), on_tensor=lambda _: task.advance())
+            task.close()
     except PsomergeError as exc:
         _fail(exc)
     console.print(
@@ -113,16 +174,18 @@ def demo(
 
     root = default_data_dir()
     try:
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-        ) as progress:
-            bars: dict[str, int] = {}
+        with ConsoleProgress(console) as progress:
+            tasks: dict[str, list] = {}
 
             def on_build(name: str, step: int, total: int) -> None:
-                if name not in bars:
+                if name not in tasks:
                     label = "pretraining base" if name == "base" else f"fine-tuning expert {name}"
-                    bars[name] = progress.add_task(label, total=total)
-                progress.update(bars[name], completed=step)
+                    tasks[name] = [progress.start(f"{label}: steps", total), 0]
+                task = tasks[name]
+                task[0].advance(step - task[1])
+                task[1] = step
+                if step == total:
+                    task[0].close()
 
             if preset == "tiny":
                 from psomerge.presets.tiny import TinySpec, build_tiny, tiny_run_config
@@ -149,7 +212,8 @@ def demo(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
             console.log(f"running the {optimizer} flow ({path})")
-            results[optimizer] = run_flow(path)
+            with ConsoleProgress(console) as progress:
+                results[optimizer] = run_flow(path, progress=progress)
     except PsomergeError as exc:
         _fail(exc)
     pso, cmaes = results["pso"], results["cmaes"]
@@ -191,23 +255,24 @@ def swarm(
             cfg = tiny_run_config(build_tiny(data_dir()), optimizer or "pso", 5 if steps is None else steps)
         else:
             cfg = RunConfig.load(config, overrides)
-        progress = Table(title=f"{cfg.name}: {cfg.optimizer.type} ({cfg.basis.granularity} granularity)",
+        steps_table = Table(title=f"{cfg.name}: {cfg.optimizer.type} ({cfg.basis.granularity} granularity)",
                          title_justify="left")
         for col in ("step", "global best", *[s.name for s in cfg.suites], "mean", "std", "scorings", "cache hits"):
-            progress.add_column(col, justify="right")
+            steps_table.add_column(col, justify="right")
         out = Console(width=max(console.width, 110))
 
         def on_step(r) -> None:
             row = [str(r.step), f"{r.best_fitness:.3f}", *[f"{r.best_scores.get(s.name, 0):.3f}" for s in cfg.suites],
                    f"{r.mean_fitness:.3f}", f"{r.std_fitness:.3f}", str(r.counts.get("scorings", 0)),
                    str(r.counts.get("cache_hits", 0))]
-            progress.add_row(*row)
-            out.print(" | ".join(f"{c.header}={v}" for c, v in zip(progress.columns, row)))
+            steps_table.add_row(*row)
+            out.print(" | ".join(f"{c.header}={v}" for c, v in zip(steps_table.columns, row)))
 
-        results = run_seeds(cfg, seeds, resume=resume, on_step=on_step)
+        with ConsoleProgress(console) as progress:
+            results = run_seeds(cfg, seeds, resume=resume, on_step=on_step, progress=progress)
     except PsomergeError as exc:
         _fail(exc)
-    out.print(progress)
+    out.print(steps_table)
     if seeds == 1:
         _print_summary(results[0])
         return
@@ -233,7 +298,8 @@ def run(
     try:
         from psomerge.orchestration.flows import run_flow
 
-        result = run_flow(config, resume=resume)
+        with ConsoleProgress(console) as progress:
+            result = run_flow(config, resume=resume, progress=progress)
     except PsomergeError as exc:
         _fail(exc)
     _print_summary(result)

@@ -26,6 +26,7 @@ from psomerge.evaluation import EvalResult, EvalSuite
 from psomerge.generation import open_generator
 from psomerge.io import Checkpoint, check_compatible
 from psomerge.merging.baselines import baseline_checkpoint
+from psomerge.progress import SILENT, Progress, ProgressTask
 from psomerge.swarm import build_basis, make_optimizer, member_coefficients
 from psomerge.swarm.basis import Basis
 from psomerge.swarm.cache import FitnessCache
@@ -164,24 +165,27 @@ class RunContext:
     """The basis, suites, fitness cache and resident models of one run config, in one
     process: what scoring a particle, a report row or a baseline needs."""
 
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, progress: Progress = SILENT):
         self.config = config
+        self.progress = progress
         cache_root = data_dir() / "cache"
         members = config.warm_start.members if config.warm_start is not None else []
         extra = [(f"merge:{name}", self.static_merge(name)) for name in members]
-        self.basis: Basis = build_basis(config.base, config.experts, cache_root / "basis", config.basis, extra)
+        self.basis: Basis = build_basis(config.base, config.experts, cache_root / "basis", config.basis, extra,
+                                        progress)
         # identical (prompt, answer) pairs are judged once, across runs
         self.suites = [EvalSuite.from_settings(s, judge_cache=cache_root / "judge.sqlite") for s in config.suites]
         device = "cuda" if config.basis.storage == "cuda" else "cpu"
         self.evaluator = ParticleEvaluator(self.basis, self.suites, FitnessCache(config.fitness_cache_path()),
                                            lambda: open_generator(config.generation, config.base, device),
-                                           config.generation.cache_config(), config.racing)
+                                           config.generation.cache_config(), config.racing, progress)
 
     def static_merge(self, name: str) -> Path:
         """A static merge of the experts (a baseline, or a warm-start member), merged once
         and shared by every run that asks for the same recipe."""
         cfg = self.config
-        return baseline_checkpoint(name, cfg.base, list(cfg.experts), cfg.basis.seed, data_dir() / "cache" / "merges")
+        return baseline_checkpoint(name, cfg.base, list(cfg.experts), cfg.basis.seed, data_dir() / "cache" / "merges",
+                                   self.progress)
 
     def info(self) -> BasisInfo:
         b = self.basis
@@ -256,7 +260,8 @@ class Scoring(Protocol):
     """How particles and report rows are scored."""
 
     def prepare(self) -> BasisInfo: ...
-    def score(self, positions: list[np.ndarray], targets: list) -> list[ParticleScore]: ...
+    def score(self, positions: list[np.ndarray], targets: list,
+              progress: ProgressTask | None = None) -> list[ParticleScore]: ...
     def evaluate(self, particles: dict[str, np.ndarray]) -> list[Row]: ...
     def validate(self, particles: list[np.ndarray]) -> list[tuple[EvalResult, Usage]]: ...
     def baseline(self, name: str) -> Row: ...
@@ -267,19 +272,26 @@ class Scoring(Protocol):
 class InProcessScoring:
     """Scoring in this process, one particle after another."""
 
-    def __init__(self, config: RunConfig, context: RunContext | None = None):
+    def __init__(self, config: RunConfig, context: RunContext | None = None, progress: Progress = SILENT):
         self.config = config
         self.context = context
+        self.progress = progress
         self._own = context is None
 
     def prepare(self) -> BasisInfo:
         validate_models(self.config)
         if self.context is None:
-            self.context = RunContext(self.config)
+            self.context = RunContext(self.config, self.progress)
         return self.context.info()
 
-    def score(self, positions: list[np.ndarray], targets: list) -> list[ParticleScore]:
-        return [self.context.score(x, t) for x, t in zip(positions, targets)]
+    def score(self, positions: list[np.ndarray], targets: list,
+              progress: ProgressTask | None = None) -> list[ParticleScore]:
+        out = []
+        for x, t in zip(positions, targets):
+            out.append(self.context.score(x, t))
+            if progress is not None:
+                progress.advance()
+        return out
 
     def evaluate(self, particles: dict[str, np.ndarray]) -> list[Row]:
         return [self.context.evaluate(label, x) for label, x in particles.items()]
@@ -336,6 +348,7 @@ def run_pipeline(
     resume: bool = False,
     on_step: Callable[[StepReport], None] | None = None,
     evaluate_heldout: bool = True,
+    progress: Progress = SILENT,
 ) -> RunResult:
     """Search, then (``evaluate_heldout``) score the report's rows and write the merged model.
 
@@ -359,7 +372,12 @@ def run_pipeline(
         evaluated = [(np.asarray(x), f) for x, f in previous.get("evaluated", [])]
 
         def score_batch(positions: list[np.ndarray], targets: list) -> list[ParticleScore]:
-            results = scoring.score(positions, targets if config.racing is not None else [None] * len(positions))
+            task = progress.start(f"step {optimizer.step}: particles", len(positions))
+            try:
+                results = scoring.score(positions, targets if config.racing is not None else [None] * len(positions),
+                                        task)
+            finally:
+                task.close()
             evaluated.extend((x, r.fitness) for x, r in zip(positions, results) if not r.raced)
             for r in results:
                 counts.fitness_calls += 1
@@ -435,10 +453,11 @@ def _select(result: RunResult, scoring: Scoring, evaluated: list[tuple[np.ndarra
 
 
 def run_swarm(config: RunConfig, *, resume: bool = False, on_step: Callable[[StepReport], None] | None = None,
-              evaluate_heldout: bool = True, context: RunContext | None = None) -> RunResult:
+              evaluate_heldout: bool = True, context: RunContext | None = None,
+              progress: Progress = SILENT) -> RunResult:
     """The library API: one run in this process, nothing tracked."""
-    return run_pipeline(config, scoring=InProcessScoring(config, context), resume=resume, on_step=on_step,
-                        evaluate_heldout=evaluate_heldout)
+    return run_pipeline(config, scoring=InProcessScoring(config, context, progress), resume=resume, on_step=on_step,
+                        evaluate_heldout=evaluate_heldout, progress=progress)
 
 
 def with_seed(config: RunConfig, offset: int) -> RunConfig:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from psomerge.evaluation.suite import EvalSuite, Split
+from psomerge.progress import ProgressTask
 
 Objective = Literal["judge", "fitness"]
 
@@ -30,10 +31,14 @@ def weighted_mean(scores: Mapping[str, float], suites: Sequence[EvalSuite]) -> f
     return sum(scores[s.name] * s.weight for s in suites) / total
 
 
+GENERATION_CHUNK = 256  # prompts per generate call: progress is reported between chunks
+
+
 def evaluate(generator, suites: Sequence[EvalSuite], split: Split, objective: Objective = "judge",
-             select: Mapping[str, Sequence[int]] | None = None) -> EvalResult:
+             select: Mapping[str, Sequence[int]] | None = None, progress: ProgressTask | None = None) -> EvalResult:
     """Score ``split`` (or the positions ``select[suite]`` of it) of every suite. Prompts of
-    all suites are generated in one batched pass; likelihood scorers read the model."""
+    all suites are generated in batched passes; likelihood scorers read the model.
+    ``progress`` advances by examples."""
     per_suite = []
     for s in suites:
         examples = s.split(split)
@@ -43,7 +48,13 @@ def evaluate(generator, suites: Sequence[EvalSuite], split: Split, objective: Ob
         per_suite.append((s, examples, terms))
     prompts = [ex.prompt for s, examples, terms in per_suite if any(not _reads_model(t) for t, _ in terms)
                for ex in examples]
-    answers = iter(generator.generate(prompts) if prompts else [])
+    generated: list[str] = []
+    for start in range(0, len(prompts), GENERATION_CHUNK):
+        chunk = prompts[start: start + GENERATION_CHUNK]
+        generated += generator.generate(chunk)
+        if progress is not None:
+            progress.advance(len(chunk))
+    answers = iter(generated)
     scores: dict[str, float] = {}
     scored: dict[str, list[float]] = {}
     for suite, examples, terms in per_suite:
@@ -59,6 +70,8 @@ def evaluate(generator, suites: Sequence[EvalSuite], split: Split, objective: Ob
                 combined[i] += w * v.value / total
         scored[suite.name] = combined
         scores[suite.name] = sum(combined) / len(combined) if combined else 0.0
+        if progress is not None and suite_answers is None:
+            progress.advance(len(examples))  # scored by likelihood alone: no generation advanced it
     n = sum(len(examples) for _, examples, _ in per_suite)
     return EvalResult(scores, weighted_mean(scores, suites), n, scored)
 

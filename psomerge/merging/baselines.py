@@ -8,6 +8,7 @@ from typing import Any
 from psomerge.errors import ConfigError
 from psomerge.hashing import digest
 from psomerge.merging.recipe import MergeRecipe
+from psomerge.progress import SILENT, Progress
 
 MERGE_CODE_VERSION = "2"  # bump when static merge outputs change for the same recipe
 
@@ -41,13 +42,19 @@ def baseline_recipe(name: str, base: Path, experts: list[Path], seed: int = 0) -
     return MergeRecipe.from_dict(data, source=f"<baseline {name}>")
 
 
-def baseline_checkpoint(name: str, base: Path, experts: list[Path], seed: int, root: Path) -> Path:
+def baseline_checkpoint(name: str, base: Path, experts: list[Path], seed: int, root: Path,
+                        progress: Progress = SILENT) -> Path:
     """The baseline merged into ``root/<name>/<tag>`` (once): the folder is named by the recipe
     and the merge code's version, so a stale merge is never reused."""
+    from psomerge.io import Checkpoint
     from psomerge.merging.engine import run_merge
 
     recipe = baseline_recipe(name, base, experts, seed)
     out = Path(root) / name / digest(recipe.model_dump_json() + MERGE_CODE_VERSION, 6)
     if not (out / "config.json").exists():
-        run_merge(recipe, out)
+        task = progress.start(f"merging {name}", len(Checkpoint(base).tensor_names))
+        try:
+            run_merge(recipe, out, on_tensor=lambda _: task.advance())
+        finally:
+            task.close()
     return out

@@ -6,12 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import contextvars
+
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from psomerge.config import DaskRunner, RayRunner, RunConfig, ThreadsRunner
 from psomerge.orchestration.tasks import PrefectScoring
 from psomerge.pipeline import RunResult, run_pipeline
+from psomerge.progress import SILENT, Progress
+
+# who watches this process's flow runs (a flow parameter must be JSON: a progress display is not)
+_PROGRESS: contextvars.ContextVar[Progress] = contextvars.ContextVar("psomerge_progress", default=SILENT)
 
 
 def task_runner(settings: ThreadsRunner | DaskRunner | RayRunner):
@@ -40,7 +46,8 @@ def pso_merge(config_path: str, resume: bool = False) -> RunResult:
     from psomerge.tracking import MLflowTracker
 
     cfg = RunConfig.load(config_path)
-    return run_pipeline(cfg, scoring=PrefectScoring(cfg), tracker=MLflowTracker(), resume=resume)
+    return run_pipeline(cfg, scoring=PrefectScoring(cfg), tracker=MLflowTracker(), resume=resume,
+                        progress=_PROGRESS.get())
 
 
 @flow(name="promote")
@@ -52,7 +59,11 @@ def promote(model_name: str, margin: float = 0.0, experiment: str = "psomerge") 
     return registry.promote(model_name, margin)
 
 
-def run_flow(config_path: str | Path, resume: bool = False) -> RunResult:
+def run_flow(config_path: str | Path, resume: bool = False, progress: Progress = SILENT) -> RunResult:
     """Run pso_merge with the task runner its config asks for (threads, Dask or Ray)."""
     cfg = RunConfig.load(config_path)
-    return pso_merge.with_options(task_runner=task_runner(cfg.runner))(str(config_path), resume=resume)
+    token = _PROGRESS.set(progress)
+    try:
+        return pso_merge.with_options(task_runner=task_runner(cfg.runner))(str(config_path), resume=resume)
+    finally:
+        _PROGRESS.reset(token)

@@ -130,13 +130,15 @@ class PrefectScoring:
         self.info = BasisInfo(**info)
         return self.info
 
-    def score(self, positions: list[np.ndarray], targets: list) -> list[ParticleScore]:
+    def score(self, positions: list[np.ndarray], targets: list, progress=None) -> list[ParticleScore]:
         futures = [score_particle.submit(self.config_json, x.tolist(), self.info.fingerprint, self.eval_fingerprint,
                                          None if t is None else (t[0], np.asarray(t[1]).tolist()))
                    for x, t in zip(positions, targets)]
         results = []
         for f in futures:
             r = f.result()
+            if progress is not None:
+                progress.advance()
             if f.state.name == "Cached":  # Prefect's own result cache answered: nothing was used
                 results.append(ParticleScore(r["fitness"], r["scores"], scored=False, task_cached=True))
             else:

@@ -24,6 +24,7 @@ from psomerge.hashing import digest
 from psomerge.io import Checkpoint, check_compatible, check_finite, write_checkpoint
 from psomerge.merging.sparsify import dare
 from psomerge.merging.task_vectors import generator, task_vector
+from psomerge.progress import SILENT, Progress
 from psomerge.swarm.materialise import fused_sum_into, weighted_sum_into, writable_tensors
 from psomerge.yamlconfig import StrictModel
 
@@ -226,6 +227,7 @@ def build_basis(
     cache_dir: str | Path,
     settings: BasisSettings = BasisSettings(),
     extra_members: Sequence[tuple[str, str | Path]] = (),
+    progress: Progress = SILENT,
 ) -> Basis:
     """Open base and experts, write (or reuse) their DARE versions, return the basis.
     ``extra_members`` (label, folder), e.g. static merges, follow the DARE members."""
@@ -242,7 +244,12 @@ def build_basis(
     if not all((p / "config.json").exists() for p in dare_paths):
         log.info("writing %d DARE experts (p=%.2f) to %s", len(experts), settings.drop_rate, root)
         for i, (expert, path) in enumerate(zip(expert_cks, dare_paths)):
-            _write_dare_expert(base_ck, expert, path, settings, tag=fps[i + 1])
+            task = progress.start(f"sparsifying {expert.name} (DARE p={settings.drop_rate})",
+                                  len(base_ck.tensor_names))
+            try:
+                _write_dare_expert(base_ck, expert, path, settings, tag=fps[i + 1], on_tensor=lambda _: task.advance())
+            finally:
+                task.close()
     dare_cks = [Checkpoint(p, name=f"dare({expert_cks[i].name})") for i, p in enumerate(dare_paths)]
     labels = ["base"] + [f"expert:{Path(e).name}" for e in experts] + [f"dare:{Path(e).name}" for e in experts]
     labels += [label for label, _ in extra_members]
@@ -250,11 +257,12 @@ def build_basis(
                  n_experts=len(experts))
 
 
-def _write_dare_expert(base: Checkpoint, expert: Checkpoint, out: Path, settings: BasisSettings, tag: str) -> None:
+def _write_dare_expert(base: Checkpoint, expert: Checkpoint, out: Path, settings: BasisSettings, tag: str,
+                       on_tensor=None) -> None:
     def sparsified(name: str) -> torch.Tensor:
         b, e = base.get(name), expert.get(name)
         check_finite(e, expert.name, name)
         delta = dare(task_vector(e, b), settings.drop_rate, generator(settings.seed, tag, name))
         return b.float() + delta
 
-    write_checkpoint(out, base, sparsified, inputs=[expert])
+    write_checkpoint(out, base, sparsified, inputs=[expert], on_tensor=on_tensor)

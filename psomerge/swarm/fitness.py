@@ -26,6 +26,7 @@ from psomerge.evaluation import EvalResult, EvalSuite, Split, evaluate, weighted
 from psomerge.generation import Generator
 from psomerge.hashing import digest
 from psomerge.io import Checkpoint, check_compatible
+from psomerge.progress import SILENT, Progress
 from psomerge.swarm.basis import Basis
 from psomerge.swarm.cache import CachedFitness, FitnessCache, checkpoint_key, particle_key
 from psomerge.swarm.materialise import writable_tensors
@@ -63,8 +64,9 @@ def load_particle(generator: Generator, basis: Basis, coeffs: np.ndarray) -> Non
 class ParticleEvaluator:
     def __init__(self, basis: Basis, suites: Sequence[EvalSuite], cache: FitnessCache | None,
                  open_generator: Callable[[], Generator], generation_config: dict,
-                 racing: RacingSettings | None = None):
+                 racing: RacingSettings | None = None, progress: Progress = SILENT):
         self.basis, self.suites, self.cache = basis, list(suites), cache
+        self.progress = progress
         self.open_generator = open_generator
         self.racing = racing
         self.fingerprint = evaluation_fingerprint(self.suites, generation_config)  # report rows: the judges
@@ -173,9 +175,16 @@ class ParticleEvaluator:
         def compute() -> EvalResult:
             with self.resident() as r:
                 load_particle(r, self.basis, coeffs)
-                return evaluate(r, self.suites, split)
+                return self._evaluate_split(r, split)
 
         return self._cached(self.key(coeffs, split), compute)
+
+    def _evaluate_split(self, resident: Generator, split: Split) -> EvalResult:
+        task = self.progress.start(f"scoring the {split} split", sum(len(s.split(split)) for s in self.suites))
+        try:
+            return evaluate(resident, self.suites, split, progress=task)
+        finally:
+            task.close()
 
     def evaluate_checkpoint(self, model_dir: str | Path, split: Split) -> EvalResult:
         """Scores of a checkpoint folder (e.g. a static merge) on a split, loaded into a
@@ -190,7 +199,7 @@ class ParticleEvaluator:
                     if name in target:
                         target[name].copy_(ckpt.get(name))
                 r.weights_changed()
-                return evaluate(r, self.suites, split)
+                return self._evaluate_split(r, split)
 
         return self._cached(checkpoint_key(ckpt.fingerprint(), self.fingerprint, split), compute)
 
