@@ -108,8 +108,8 @@ KILL_AT = """
 import os, signal
 from psomerge.swarm import fitness
 _call = fitness.ParticleEvaluator.__call__
-def _dying(self, coeffs):
-    result = _call(self, coeffs)
+def _dying(self, coeffs, *args):
+    result = _call(self, coeffs, *args)
     if self.counts.scorings >= {n}:
         os.kill(os.getpid(), signal.SIGKILL)
     return result
