@@ -12,14 +12,16 @@ from typing import Literal
 
 import torch
 
+from psomerge.merging.topk import argsort_topk_mask
+
 Rescale = Literal["inverse", "l1", "none"]
 
 
 def magnitude_topk(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the k = max(1, int(density * numel)) largest-magnitude entries (TIES trim).
 
-    Uses a k-th value threshold (linear time) instead of a full argsort; entries tied at
-    the threshold are kept in index order so exactly k survive.
+    Exactly the entries mergekit 0.1.5 keeps, ``argsort(|delta|, descending=True)[:k]``,
+    ties at the k-th magnitude included, in expected linear time (``topk.argsort_topk_mask``).
     """
     if density >= 1:
         return delta
@@ -27,14 +29,7 @@ def magnitude_topk(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density <= 0 or n == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * n))
-    mag = delta.abs().reshape(-1)
-    threshold = torch.kthvalue(mag, n - k + 1).values
-    keep = mag > threshold
-    short = k - int(keep.sum())
-    if short > 0:  # fill from the entries equal to the threshold
-        tied = torch.nonzero(mag == threshold).reshape(-1)[:short]
-        keep[tied] = True
-    return delta * keep.reshape(delta.shape)
+    return delta * argsort_topk_mask(delta.abs(), k)
 
 
 def _rescaled(delta: torch.Tensor, mask: torch.Tensor, keep_prob: torch.Tensor | float, rescale: Rescale):
