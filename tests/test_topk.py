@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from psomerge.merging.sparsify import magnitude_topk
+from mergekit_runner import have_mergekit
+from psomerge.merging.sparsify import della_keep_prob, magnitude_topk
 from psomerge.merging.topk import argsort_topk_mask
 
 
@@ -65,3 +66,22 @@ def test_magnitude_topk_differs_from_index_order_where_argsort_does():
     kept = magnitude_topk(delta, 0.25) != 0
     assert torch.equal(kept, argsort_mask(delta, 10))
     assert not torch.equal(kept, torch.arange(40) < 10)
+
+
+@pytest.mark.skipif(not have_mergekit(), reason="mergekit 0.1.5 not installed")
+@pytest.mark.parametrize("shape", [(300,), (40, 96), (7, 1000)])
+def test_della_keep_probabilities_equal_mergekits_on_ties(shape):
+    """DELLA ranks magnitudes with a non-stable argsort; psomerge ranks with the same call,
+    so tied magnitudes get the same ranks and keep probabilities. mergekit draws its mask
+    with torch.bernoulli(probs) from the global generator: the same draw on psomerge's
+    probabilities gives mergekit's output exactly."""
+    from mergekit.sparsify import della_magprune
+
+    delta = torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(1)).float() / 64
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    probs = della_keep_prob(rows, 0.4, 0.1).reshape(shape)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        theirs = della_magprune(delta, density=0.4, epsilon=0.1, rescale_norm=None)
+        torch.manual_seed(seed)
+        assert torch.equal(theirs, delta * torch.bernoulli(probs)), seed

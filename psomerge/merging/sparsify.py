@@ -78,10 +78,18 @@ def della(
             f"(density={density}, epsilon={epsilon})"
         )
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    width = rows.shape[1]
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).float()  # 0 = smallest magnitude
-    rank_frac = ranks / max(width - 1, 1)
-    keep_prob = (density - epsilon) + 2 * epsilon * rank_frac
+    keep_prob = della_keep_prob(rows, density, epsilon)
     mask = torch.rand(rows.shape, generator=generator) < keep_prob
     out = _rescaled(rows, mask, keep_prob, rescale)
     return out.reshape(delta.shape)
+
+
+def della_keep_prob(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Per-entry keep probability of DELLA: density - epsilon for the smallest magnitude of
+    its row up to density + epsilon for the largest. Ranks come from the same non-stable
+    ``argsort`` mergekit 0.1.5 calls, so tied magnitudes get mergekit's ranks, and the
+    probabilities equal mergekit's bit for bit."""
+    width = rows.shape[1]
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).float()  # 0 = smallest magnitude
+    rank_frac = ranks / max(width - 1, 1)
+    return (density - epsilon) + 2 * epsilon * rank_frac
