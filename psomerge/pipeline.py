@@ -24,7 +24,7 @@ from psomerge.config import RunConfig
 from psomerge.paths import data_dir
 from psomerge.evaluation import EvalResult, EvalSuite
 from psomerge.generation import open_generator
-from psomerge.io import Checkpoint, check_compatible
+from psomerge.io import check_compatible, open_model
 from psomerge.merging.baselines import baseline_checkpoint
 from psomerge.swarm import build_basis, make_optimizer, member_coefficients
 from psomerge.swarm.basis import Basis
@@ -208,8 +208,8 @@ class RunContext:
 def validate_models(config: RunConfig) -> None:
     """Architecture, tensor names, shapes and vocabularies of base and experts, before any
     work (errors name the model and tensor)."""
-    base = Checkpoint(config.base, name=str(config.base))
-    check_compatible(base, [Checkpoint(e, name=str(e)) for e in config.experts])
+    base = open_model(config.base, name=str(config.base))
+    check_compatible(base, [open_model(e, name=str(e), base=base) for e in config.experts])
 
 
 # -- the seams ---------------------------------------------------------------------------

@@ -1,15 +1,21 @@
 """Reading and writing Hugging Face checkpoint folders, one tensor at a time."""
 
 from psomerge.io.checkpoint import Checkpoint, TensorInfo
+from psomerge.io.lora import LoraExpert, is_adapter
+from psomerge.io.models import Model, open_model
 from psomerge.io.validate import check_compatible, check_finite
 from psomerge.io.writer import StreamingSafetensorsWriter, copy_model_files, write_checkpoint
 
 __all__ = [
     "Checkpoint",
+    "LoraExpert",
+    "Model",
     "TensorInfo",
     "StreamingSafetensorsWriter",
     "check_compatible",
     "check_finite",
     "copy_model_files",
+    "is_adapter",
+    "open_model",
     "write_checkpoint",
 ]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from psomerge.io import Checkpoint, check_compatible, check_finite, write_checkpoint
+from psomerge.io import check_compatible, check_finite, open_model, write_checkpoint
 from psomerge.io.writer import DEFAULT_SHARD_BYTES
 from psomerge.merging.recipe import MergeRecipe
 from psomerge.merging.task_vectors import generator
@@ -41,8 +41,8 @@ def run_merge(
     start = time.perf_counter()
     method = recipe.method
     merged = recipe.merged_models()
-    ckpts = [Checkpoint(recipe.resolve_path(m.model), name=m.model) for _, m in merged]
-    base = Checkpoint(recipe.resolve_path(recipe.base_model), name=recipe.base_model) if recipe.base_model else None
+    base = open_model(recipe.resolve_path(recipe.base_model), name=recipe.base_model) if recipe.base_model else None
+    ckpts = [open_model(recipe.resolve_path(m.model), name=m.model, base=base) for _, m in merged]
     reference = base or ckpts[0]
     check_compatible(reference, [c for c in ckpts if c is not reference])
 

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from psomerge.errors import ConfigError
 from psomerge.hashing import digest
-from psomerge.io import Checkpoint, check_compatible, check_finite, write_checkpoint
+from psomerge.io import Checkpoint, check_compatible, check_finite, open_model, write_checkpoint
 from psomerge.merging.sparsify import dare
 from psomerge.merging.task_vectors import generator, task_vector
 from psomerge.swarm.materialise import fused_sum_into, weighted_sum_into, writable_tensors
@@ -225,8 +225,8 @@ def build_basis(
     settings: BasisSettings = BasisSettings(),
 ) -> Basis:
     """Open base and experts, write (or reuse) their DARE versions, return the basis."""
-    base_ck = Checkpoint(base, name=str(base))
-    expert_cks = [Checkpoint(e, name=str(e)) for e in experts]
+    base_ck = open_model(base, name=str(base))
+    expert_cks = [open_model(e, name=str(e), base=base_ck) for e in experts]
     check_compatible(base_ck, expert_cks)
     fps = [base_ck.fingerprint()] + [e.fingerprint() for e in expert_cks]
     key = digest([fps, settings.drop_rate, settings.seed], 12)
