@@ -112,3 +112,23 @@ def test_fixture_ties_straddle_the_threshold(ties_fixture):
         kth = torch.sort(mag, descending=True).values[k - 1]
         straddling += int((mag > kth).sum() < k < (mag >= kth).sum())
     assert straddling >= 40, straddling
+
+
+def test_random_weights_equal_mergekit(tmp_path, family):
+    """Weights that are not short binary fractions (their fp32 sum is not fp32(1.4 + 0.7)):
+    every rounding step must be mergekit's."""
+    base, experts = family
+    cases = {"linear": ("linear", [None] * 3, [0.6, 0.8, 0.7], None),
+             "linear_raw": ("linear", [None] * 3, [0.6, 0.8, 0.7], {"normalize": False}),
+             "task_arithmetic": ("task_arithmetic", [None] * 3, [0.6, 0.8, 0.7], {"lambda": 0.7}),
+             "ties": ("ties", [0.6, 0.8, 0.7], [0.6, 0.8, 0.7], {"normalize": True, "lambda": 1.3})}
+    jobs = [(write_yaml(tmp_path / f"{n}.yaml", recipe(m, base, experts, d, w, top)), tmp_path / f"mk-{n}")
+            for n, (m, d, w, top) in cases.items()]
+    run_mergekit(jobs)
+    failures = {}
+    for (path, mk_out), name in zip(jobs, cases):
+        run_merge(MergeRecipe.load(path), tmp_path / f"ours-{name}")
+        bad = differing(load_all(tmp_path / f"ours-{name}"), load_all(mk_out))
+        if bad:
+            failures[name] = bad
+    assert not failures, failures
