@@ -25,6 +25,7 @@ from psomerge.paths import data_dir
 from psomerge.evaluation import EvalResult, EvalSuite
 from psomerge.generation import open_generator
 from psomerge.io import check_compatible, open_model
+from psomerge.io.vocab import align_vocabularies
 from psomerge.merging.baselines import baseline_checkpoint
 from psomerge.swarm import build_basis, make_optimizer, member_coefficients
 from psomerge.swarm.basis import Basis
@@ -154,7 +155,7 @@ class RunContext:
         self.suites = [EvalSuite.from_settings(s, judge_cache=cache_root / "judge.sqlite") for s in config.suites]
         device = "cuda" if config.basis.storage == "cuda" else "cpu"
         self.evaluator = ParticleEvaluator(self.basis, self.suites, FitnessCache(config.fitness_cache_path()),
-                                           lambda: open_generator(config.generation, config.base, device),
+                                           lambda: open_generator(config.generation, self.basis.model_dir, device),
                                            config.generation.cache_config())
 
     def info(self) -> BasisInfo:
@@ -190,7 +191,8 @@ class RunContext:
     def baseline(self, name: str) -> Row:
         """A report row for a static merge of the experts (merged once, cached by recipe)."""
         cfg = self.config
-        folder = baseline_checkpoint(name, cfg.base, list(cfg.experts), cfg.basis.seed, cfg.run_dir() / "baselines")
+        folder = baseline_checkpoint(name, cfg.base, list(cfg.experts), cfg.basis.seed, cfg.run_dir() / "baselines",
+                                     cfg.basis.tokenizer_source)
         before = self.usage()
         held = self.evaluator.evaluate_checkpoint(folder, "heldout")
         opt = self.evaluator.evaluate_checkpoint(folder, "optimisation")
@@ -209,7 +211,8 @@ def validate_models(config: RunConfig) -> None:
     """Architecture, tensor names, shapes and vocabularies of base and experts, before any
     work (errors name the model and tensor)."""
     base = open_model(config.base, name=str(config.base))
-    check_compatible(base, [open_model(e, name=str(e), base=base) for e in config.experts])
+    experts = [open_model(e, name=str(e), base=base) for e in config.experts]
+    check_compatible(*align_vocabularies(base, experts, config.basis.tokenizer_source))
 
 
 # -- the seams ---------------------------------------------------------------------------

@@ -28,12 +28,13 @@ LLAMA_ADAPTERS = {
 
 
 def make_adapter(base_model, out, **lora):
-    """An adapter made by peft itself, with non-zero A and B and a changed modules_to_save copy."""
+    """An adapter made by peft itself, with non-zero A and B (and LoRA bias) and a changed
+    modules_to_save copy."""
     torch.manual_seed(len(str(out)))
     model = get_peft_model(base_model, LoraConfig(init_lora_weights=False, **lora))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "modules_to_save" in name:
+            if "modules_to_save" in name or ("lora_B" in name and name.endswith("bias")):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(out)
     return out
@@ -75,19 +76,20 @@ def test_lazy_expert_equals_merge_and_unload(llama_adapters, kind):
 
 
 def test_fan_in_fan_out_conv1d_adapter_equals_merge_and_unload(tmp_path):
-    """GPT-2 stores Conv1D weights as (in, out): PEFT's fan_in_fan_out transposes the delta."""
+    """GPT-2 stores Conv1D weights as (in, out): PEFT's fan_in_fan_out transposes the delta;
+    lora_bias adds scaling * lora_B.bias to the layer's bias."""
     torch.manual_seed(1)
     cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32)
     GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
     adapter = make_adapter(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), tmp_path / "a", r=4, lora_alpha=16,
-                           target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+                           target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, lora_bias=True)
     assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     expert = open_model(adapter, base=tmp_path / "base")
     theirs = merged_by_peft(GPT2LMHeadModel, tmp_path / "base", adapter)
     for name in expert.tensor_names:
         if name in theirs:
             torch.testing.assert_close(expert.get(name), theirs[name], rtol=1e-6, atol=1e-7, msg=name)
-    assert any("c_attn" in t for t in expert.targets)
+    assert any("c_attn.weight" in t for t in expert.targets) and any("c_attn.bias" in t for t in expert.targets)
 
 
 def test_bin_adapter_and_bf16_base(tmp_path):

@@ -144,3 +144,33 @@ def test_both_policies_equal_mergekit(vocab_family, tmp_path):
             else:
                 assert torch.equal(ours[t], theirs[t]), (name, t)
         LlamaForCausalLM.from_pretrained(ours_dir)
+
+
+def test_swarm_with_union_vocabulary(char_family, tmp_path, monkeypatch):
+    """The basis holds aligned members; the merged model and the baseline get the union
+    tokenizer and vocabulary size; without the policy the run stops with the named mismatch."""
+    from test_swarm_run import make_config
+
+    from psomerge.pipeline import run_swarm
+
+    _, _, data = char_family
+    base, experts = make_vocab_family(tmp_path / "fam")
+    monkeypatch.setenv("PSOMERGE_HOME", str(tmp_path / "home"))
+    cfg = make_config(tmp_path / "fam", experts, data)
+    with pytest.raises(IncompatibleModelsError, match="vocabulary size mismatch"):
+        run_swarm(cfg, evaluate_heldout=False)
+    cfg = cfg.model_copy(update={"basis": cfg.basis.model_copy(update={"tokenizer_source": "union"}),
+                                 "baselines": ["ties"]})
+    run = run_swarm(cfg)
+    assert [label for label, _ in run.heldout] == ["base", "expert:e0", "expert:e1", "ties", "psomerge:pso"]
+    union = vocab_of(run.model_dir)
+    assert set(union) == set(vocab_of(base)) | set(vocab_of(experts[0])) | set(vocab_of(experts[1]))
+    assert json.loads((run.model_dir / "config.json").read_text())["vocab_size"] == len(union)
+    model = LlamaForCausalLM.from_pretrained(run.model_dir)
+    assert model.get_input_embeddings().weight.shape[0] == len(union)
+    baseline = next((cfg.run_dir() / "baselines" / "ties").iterdir())
+    assert vocab_of(baseline) == union
+    # the merged rows of a token only e0 has: every basis member holds e0's row there
+    v0 = vocab_of(experts[0])
+    row = load_all(run.model_dir)["model.embed_tokens.weight"][union["<add>"]]
+    assert torch.allclose(row, load_all(experts[0])["model.embed_tokens.weight"][v0["<add>"]], atol=1e-6)
