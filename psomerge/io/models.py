@@ -7,8 +7,12 @@ from pathlib import Path
 from psomerge.errors import CheckpointError
 from psomerge.io.checkpoint import Checkpoint
 from psomerge.io.lora import LoraExpert, is_adapter
+from psomerge.io.vocab import AlignedModel
 
-Model = Checkpoint | LoraExpert
+# What opens as a model: a checkpoint folder, an adapter over its base, either one seen
+# through a shared vocabulary. All answer the same calls (names, info, get, config,
+# fingerprint, weight_files, write_model_files, close).
+Model = Checkpoint | LoraExpert | AlignedModel
 
 
 def open_model(path: str | Path, name: str | None = None, *, base: Checkpoint | str | Path | None = None) -> Model:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,9 +45,10 @@ class VocabularyPlan:
     rows: list[torch.Tensor]  # per model: its row for each output id, -1 where it lacks the token
     tensor_names: list[str]  # the vocabulary-indexed tensors
     base_rule: bool  # a token the base has takes the base's row in models lacking it
+    _fingerprint: str | None = field(default=None, init=False, repr=False)
 
     def fingerprint(self) -> str:
-        if not hasattr(self, "_fingerprint"):
+        if self._fingerprint is None:
             vocab = sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
             self._fingerprint = digest([self.source, vocab, [r.tolist() for r in self.rows], self.base_rule], 16)
         return self._fingerprint

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from psomerge.errors import CheckpointError
-from psomerge.io.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, Checkpoint
+from psomerge.io.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from psomerge.io.layout import itemsize, numel, plan_file
 from psomerge.io.model_files import copy_model_files  # noqa: F401 - re-exported
+from psomerge.io.models import Model
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -119,11 +120,11 @@ class StreamingSafetensorsWriter:
 
 def write_checkpoint(
     out_dir: str | Path,
-    reference: Checkpoint,
+    reference: Model,
     compute: Callable[[str], torch.Tensor | None],
     *,
     dtype: torch.dtype | None = None,
-    inputs: Sequence[Checkpoint] = (),
+    inputs: Sequence[Model] = (),
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     on_tensor: Callable[[str], None] | None = None,
     extra_files: dict[str, str] | None = None,
@@ -169,7 +170,7 @@ def write_checkpoint(
     return out_dir
 
 
-def _is_private(checkpoints: Sequence[Checkpoint]) -> bool:
+def _is_private(checkpoints: Sequence[Model]) -> bool:
     return any(not (f.stat().st_mode & stat.S_IROTH) for c in checkpoints for f in c.weight_files())
 
 
