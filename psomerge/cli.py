@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
@@ -168,6 +170,8 @@ def swarm(
     optimizer: Annotated[Optional[str], typer.Option(help="pso | model_swarms | cmaes (overrides the config)")] = None,
     steps: Annotated[Optional[int], typer.Option(help="optimisation steps (overrides the config)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's last checkpoint")] = False,
+    seeds: Annotated[int, typer.Option(min=1, help="repeat the search with this many optimiser seeds and "
+                                                   "report the merge's mean and spread")] = 1,
     verbose: bool = False,
 ) -> None:
     """Run PSO-Merging (or Model Swarms, CMA-ES) in this process and print per-step progress
@@ -176,7 +180,7 @@ def swarm(
     from rich.table import Table
 
     from psomerge.config import RunConfig
-    from psomerge.pipeline import run_swarm
+    from psomerge.pipeline import run_seeds
 
     overrides = {k: v for k, v in (("optimizer.type", optimizer), ("optimizer.steps", steps)) if v is not None}
     try:
@@ -200,11 +204,22 @@ def swarm(
             progress.add_row(*row)
             out.print(" | ".join(f"{c.header}={v}" for c, v in zip(progress.columns, row)))
 
-        result = run_swarm(cfg, resume=resume, on_step=on_step)
+        results = run_seeds(cfg, seeds, resume=resume, on_step=on_step)
     except PsomergeError as exc:
         _fail(exc)
     out.print(progress)
-    _print_summary(result)
+    if seeds == 1:
+        _print_summary(results[0])
+        return
+    first = results[0]
+    merged = [r for r in first.rows if r.label == first.merged_label]
+    others = [r for r in first.rows if r.label != first.merged_label]
+    per_seed = [replace(r, label=f"{r.label} (seed {res.config.optimizer.seed})")
+                for res in results for r in res.rows if r.label == res.merged_label]
+    _print_summary(replace(first, rows=others + per_seed), counts=_total_counts(results))
+    values = [r.heldout.fitness for r in per_seed]
+    out.print(f"{merged[0].label} over {seeds} seeds: held-out weighted mean {statistics.mean(values):.3f} "
+              f"± {statistics.stdev(values):.3f} (sd), min {min(values):.3f}, max {max(values):.3f}")
 
 
 @app.command()
@@ -224,19 +239,33 @@ def run(
     _print_summary(result)
 
 
-def _print_summary(result, extra_rows=()) -> None:
+def _total_counts(results):
+    from psomerge.pipeline import Counts
+
+    total = Counts()
+    for r in results:
+        for key, value in r.counts.as_dict().items():
+            setattr(total, key, getattr(total, key) + value)
+    return total
+
+
+def _print_summary(result, extra_rows=(), counts=None) -> None:
     """The held-out table (base, experts, baselines, merges), the run's counts and, for a
     tracked run, its registration."""
-    from psomerge.evaluation.report import score_table
+    from psomerge.evaluation.report import comparison_lines, comparisons, score_table
 
     out = Console(width=max(console.width, 110))
     rows = [(r.label, r.heldout) for r in [*result.rows, *extra_rows]]
-    out.print(score_table("held-out scores (never read by the search)", rows, result.config.suites))
-    c = result.counts
+    out.print(score_table("held-out scores (never read by the search, nor by model selection)", rows,
+                          result.config.suites))
+    for merged in [r.label for r in [*result.rows, *extra_rows] if r.label.startswith("psomerge:")]:
+        for line in comparison_lines(comparisons(rows, merged, result.config.suites), merged):
+            out.print(line)
+    c = counts or result.counts
     out.print(f"fitness calls {c.fitness_calls}, scorings {c.scorings}, cache hits {c.cache_hits} "
-              f"(Prefect-cached {c.task_cache_hits}), examples scored {c.examples_scored}, generated tokens "
-              f"{c.generated_tokens}; judge calls {c.judge_calls}, judge cache hits {c.judge_cache_hits}, judge "
-              f"tokens {c.judge_tokens}, judge cost {c.judge_cost:.4f}")
+              f"(Prefect-cached {c.task_cache_hits}), examples scored {c.examples_scored} (+ {c.selection_examples} "
+              f"for model selection), generated tokens {c.generated_tokens}; judge calls {c.judge_calls}, judge "
+              f"cache hits {c.judge_cache_hits}, judge tokens {c.judge_tokens}, judge cost {c.judge_cost:.4f}")
     if result.model_dir is not None:
         out.print(f"merged model: {result.model_dir}")
     if result.registration is not None:

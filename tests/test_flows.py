@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def write_config(path, char_family, name, steps=2, optimizer="pso", runner=None, baselines=("average",)):
     root, experts, data = char_family
     cfg = {
-        "name": name, "base": str(root / "base"), "experts": [str(e) for e in experts],
+        "name": name, "preset": "paper", "base": str(root / "base"), "experts": [str(e) for e in experts],
         "suites": [{"name": n, "dataset": str(p), "optimisation_size": 10, "heldout_size": 20,
                     "judge": {"type": "exact_match", "normalizer": "none"}} for n, p in data.items()],
         "generation": {"max_new_tokens": 6, "batch_size": 64},

@@ -168,7 +168,7 @@ def test_swarm_with_union_vocabulary(char_family, tmp_path, monkeypatch):
     assert json.loads((run.model_dir / "config.json").read_text())["vocab_size"] == len(union)
     model = LlamaForCausalLM.from_pretrained(run.model_dir)
     assert model.get_input_embeddings().weight.shape[0] == len(union)
-    baseline = next((cfg.run_dir() / "baselines" / "ties").iterdir())
+    baseline = next((tmp_path / "home" / "cache" / "merges" / "ties").iterdir())
     assert vocab_of(baseline) == union
     # the merged rows of a token only e0 has: every basis member holds e0's row there
     v0 = vocab_of(experts[0])

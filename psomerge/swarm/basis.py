@@ -92,15 +92,18 @@ class Basis:
     """
 
     def __init__(self, members: Sequence[Model], labels: Sequence[str], fingerprint: str,
-                 granularity: Granularity = "model", storage: Storage = "ram", model_dir: Path | None = None):
-        if len(members) % 2 != 1:
-            raise ValueError("a basis is base + N experts + N DARE experts")
+                 granularity: Granularity = "model", storage: Storage = "ram", n_experts: int | None = None,
+                 model_dir: Path | None = None):
+        if n_experts is None:
+            if len(members) % 2 != 1:
+                raise ValueError("a basis is base + N experts + N DARE experts (+ extra members)")
+            n_experts = (len(members) - 1) // 2
         self.members = list(members)
         # a folder with the basis's config, tokenizer and vocabulary, for resident models
         self.model_dir = Path(model_dir or members[0].path)
         self.labels = list(labels)
         self.fingerprint = fingerprint
-        self.n_experts = (len(members) - 1) // 2
+        self.n_experts = n_experts
         self.names = [n for n in members[0].tensor_names if members[0].info(n).dtype.is_floating_point]
         self.group_labels, self.group_of = tensor_groups(self.names, granularity)
         self.granularity = granularity
@@ -229,15 +232,20 @@ def build_basis(
     experts: Sequence[str | Path],
     cache_dir: str | Path,
     settings: BasisSettings = BasisSettings(),
+    extra_members: Sequence[tuple[str, str | Path]] = (),
 ) -> Basis:
-    """Open base and experts, write (or reuse) their DARE versions, return the basis."""
+    """Open base and experts, write (or reuse) their DARE versions, return the basis.
+    ``extra_members`` (label, folder), e.g. static merges, follow the DARE members."""
     base_ck = open_model(base, name=str(base))
     expert_cks = [open_model(e, name=str(e), base=base_ck) for e in experts]
     base_ck, expert_cks = align_vocabularies(base_ck, expert_cks, settings.tokenizer_source)
-    check_compatible(base_ck, expert_cks)
+    extra_cks = [Checkpoint(p, name=label) for label, p in extra_members]
+    check_compatible(base_ck, expert_cks + extra_cks)
     fps = [base_ck.fingerprint()] + [e.fingerprint() for e in expert_cks]
-    key = digest([fps, settings.drop_rate, settings.seed], 12)
-    root = Path(cache_dir) / key
+    dare_key = digest([fps, settings.drop_rate, settings.seed], 12)
+    key = dare_key if not extra_cks else digest([dare_key, [[label, c.fingerprint()] for (label, _), c in
+                                                            zip(extra_members, extra_cks)]], 12)
+    root = Path(cache_dir) / dare_key
     model_dir = None
     if isinstance(base_ck, AlignedModel):  # resident models load the base with the shared vocabulary
         model_dir = root / "base"
@@ -250,7 +258,9 @@ def build_basis(
             _write_dare_expert(base_ck, expert, path, settings, tag=fps[i + 1])
     dare_cks = [Checkpoint(p, name=f"dare({expert_cks[i].name})") for i, p in enumerate(dare_paths)]
     labels = ["base"] + [f"expert:{Path(e).name}" for e in experts] + [f"dare:{Path(e).name}" for e in experts]
-    return Basis([base_ck, *expert_cks, *dare_cks], labels, key, settings.granularity, settings.storage, model_dir)
+    labels += [label for label, _ in extra_members]
+    return Basis([base_ck, *expert_cks, *dare_cks, *extra_cks], labels, key, settings.granularity, settings.storage,
+                 n_experts=len(experts), model_dir=model_dir)
 
 
 def _write_dare_expert(base: Model, expert: Model, out: Path, settings: BasisSettings, tag: str) -> None:
