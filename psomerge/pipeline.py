@@ -24,7 +24,8 @@ from psomerge.config import RunConfig
 from psomerge.paths import data_dir
 from psomerge.evaluation import EvalResult, EvalSuite
 from psomerge.generation import open_generator
-from psomerge.io import Checkpoint, check_compatible
+from psomerge.io import check_compatible, open_model
+from psomerge.io.vocab import align_vocabularies
 from psomerge.merging.baselines import baseline_checkpoint
 from psomerge.progress import SILENT, Progress, ProgressTask
 from psomerge.swarm import build_basis, make_optimizer, member_coefficients
@@ -177,7 +178,7 @@ class RunContext:
         self.suites = [EvalSuite.from_settings(s, judge_cache=cache_root / "judge.sqlite") for s in config.suites]
         device = "cuda" if config.basis.storage == "cuda" else "cpu"
         self.evaluator = ParticleEvaluator(self.basis, self.suites, FitnessCache(config.fitness_cache_path()),
-                                           lambda: open_generator(config.generation, config.base, device),
+                                           lambda: open_generator(config.generation, self.basis.model_dir, device),
                                            config.generation.cache_config(), config.racing, progress)
 
     def static_merge(self, name: str) -> Path:
@@ -185,7 +186,7 @@ class RunContext:
         and shared by every run that asks for the same recipe."""
         cfg = self.config
         return baseline_checkpoint(name, cfg.base, list(cfg.experts), cfg.basis.seed, data_dir() / "cache" / "merges",
-                                   self.progress)
+                                   cfg.basis.tokenizer_source, self.progress)
 
     def info(self) -> BasisInfo:
         b = self.basis
@@ -250,8 +251,9 @@ class RunContext:
 def validate_models(config: RunConfig) -> None:
     """Architecture, tensor names, shapes and vocabularies of base and experts, before any
     work (errors name the model and tensor)."""
-    base = Checkpoint(config.base, name=str(config.base))
-    check_compatible(base, [Checkpoint(e, name=str(e)) for e in config.experts])
+    base = open_model(config.base, name=str(config.base))
+    experts = [open_model(e, name=str(e), base=base) for e in config.experts]
+    check_compatible(*align_vocabularies(base, experts, config.basis.tokenizer_source))
 
 
 # -- the seams ---------------------------------------------------------------------------
