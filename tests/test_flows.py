@@ -143,6 +143,7 @@ def _reap(proc):
 
 def _summary(proc):
     out, _ = proc.communicate(timeout=600)
+    Path("/tmp/flow_child.log").write_text(out)
     assert proc.returncode == 0, out[-3000:]
     line = next(l for l in out.splitlines() if l.startswith("SUMMARY"))
     counts, best = line.removeprefix("SUMMARY").split("|")

@@ -6,18 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import contextvars
-
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from psomerge.config import DaskRunner, RayRunner, RunConfig, ThreadsRunner
 from psomerge.orchestration.tasks import PrefectScoring
+from psomerge.orchestration.watching import current_progress, watched_by
 from psomerge.pipeline import RunResult, run_pipeline
 from psomerge.progress import SILENT, Progress
-
-# who watches this process's flow runs (a flow parameter must be JSON: a progress display is not)
-_PROGRESS: contextvars.ContextVar[Progress] = contextvars.ContextVar("psomerge_progress", default=SILENT)
 
 
 def task_runner(settings: ThreadsRunner | DaskRunner | RayRunner):
@@ -47,7 +43,7 @@ def pso_merge(config_path: str, resume: bool = False) -> RunResult:
 
     cfg = RunConfig.load(config_path)
     return run_pipeline(cfg, scoring=PrefectScoring(cfg), tracker=MLflowTracker(), resume=resume,
-                        progress=_PROGRESS.get())
+                        progress=current_progress())
 
 
 @flow(name="promote")
@@ -62,8 +58,5 @@ def promote(model_name: str, margin: float = 0.0, experiment: str = "psomerge") 
 def run_flow(config_path: str | Path, resume: bool = False, progress: Progress = SILENT) -> RunResult:
     """Run pso_merge with the task runner its config asks for (threads, Dask or Ray)."""
     cfg = RunConfig.load(config_path)
-    token = _PROGRESS.set(progress)
-    try:
+    with watched_by(progress):
         return pso_merge.with_options(task_runner=task_runner(cfg.runner))(str(config_path), resume=resume)
-    finally:
-        _PROGRESS.reset(token)
