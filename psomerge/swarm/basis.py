@@ -21,9 +21,11 @@ from pydantic import Field
 
 from psomerge.errors import ConfigError
 from psomerge.hashing import digest
-from psomerge.io import Checkpoint, check_compatible, check_finite, write_checkpoint
+from psomerge.io import Checkpoint, Model, check_compatible, check_finite, open_model, write_checkpoint
+from psomerge.io.vocab import AlignedModel, TokenizerSource, align_vocabularies
 from psomerge.merging.sparsify import dare
 from psomerge.merging.task_vectors import generator, task_vector
+from psomerge.progress import SILENT, Progress
 from psomerge.swarm.materialise import fused_sum_into, weighted_sum_into, writable_tensors
 from psomerge.yamlconfig import StrictModel
 
@@ -44,6 +46,9 @@ class BasisSettings(StrictModel):
     seed: int = 0
     granularity: Granularity = "model"  # one coefficient vector per model, layer or tensor
     storage: Storage = "ram"
+    # experts whose tokenizers differ from the base's: one vocabulary for the basis, the
+    # merged model and its tokenizer (mergekit's tokenizer_source); None: a mismatch is an error
+    tokenizer_source: TokenizerSource | None = None
 
 
 def tensor_groups(names: Sequence[str], granularity: Granularity) -> tuple[list[str], dict[str, int]]:
@@ -87,14 +92,19 @@ class Basis:
       every materialisation (for a basis larger than RAM).
     """
 
-    def __init__(self, members: Sequence[Checkpoint], labels: Sequence[str], fingerprint: str,
-                 granularity: Granularity = "model", storage: Storage = "ram"):
-        if len(members) % 2 != 1:
-            raise ValueError("a basis is base + N experts + N DARE experts")
+    def __init__(self, members: Sequence[Model], labels: Sequence[str], fingerprint: str,
+                 granularity: Granularity = "model", storage: Storage = "ram", n_experts: int | None = None,
+                 model_dir: Path | None = None):
+        if n_experts is None:
+            if len(members) % 2 != 1:
+                raise ValueError("a basis is base + N experts + N DARE experts (+ extra members)")
+            n_experts = (len(members) - 1) // 2
         self.members = list(members)
+        # a folder with the basis's config, tokenizer and vocabulary, for resident models
+        self.model_dir = Path(model_dir or members[0].path)
         self.labels = list(labels)
         self.fingerprint = fingerprint
-        self.n_experts = (len(members) - 1) // 2
+        self.n_experts = n_experts
         self.names = [n for n in members[0].tensor_names if members[0].info(n).dtype.is_floating_point]
         self.group_labels, self.group_of = tensor_groups(self.names, granularity)
         self.granularity = granularity
@@ -223,29 +233,49 @@ def build_basis(
     experts: Sequence[str | Path],
     cache_dir: str | Path,
     settings: BasisSettings = BasisSettings(),
+    extra_members: Sequence[tuple[str, str | Path]] = (),
+    progress: Progress = SILENT,
 ) -> Basis:
-    """Open base and experts, write (or reuse) their DARE versions, return the basis."""
-    base_ck = Checkpoint(base, name=str(base))
-    expert_cks = [Checkpoint(e, name=str(e)) for e in experts]
-    check_compatible(base_ck, expert_cks)
+    """Open base and experts, write (or reuse) their DARE versions, return the basis.
+    ``extra_members`` (label, folder), e.g. static merges, follow the DARE members."""
+    base_ck = open_model(base, name=str(base))
+    expert_cks = [open_model(e, name=str(e), base=base_ck) for e in experts]
+    base_ck, expert_cks = align_vocabularies(base_ck, expert_cks, settings.tokenizer_source)
+    extra_cks = [Checkpoint(p, name=label) for label, p in extra_members]
+    check_compatible(base_ck, expert_cks + extra_cks)
     fps = [base_ck.fingerprint()] + [e.fingerprint() for e in expert_cks]
-    key = digest([fps, settings.drop_rate, settings.seed], 12)
-    root = Path(cache_dir) / key
+    dare_key = digest([fps, settings.drop_rate, settings.seed], 12)
+    key = dare_key if not extra_cks else digest([dare_key, [[label, c.fingerprint()] for (label, _), c in
+                                                            zip(extra_members, extra_cks)]], 12)
+    root = Path(cache_dir) / dare_key
+    model_dir = None
+    if isinstance(base_ck, AlignedModel):  # resident models load the base with the shared vocabulary
+        model_dir = root / "base"
+        if not (model_dir / "config.json").exists():
+            write_checkpoint(model_dir, base_ck, lambda name: None)
     dare_paths = [root / f"dare{i}" for i in range(len(experts))]
     if not all((p / "config.json").exists() for p in dare_paths):
         log.info("writing %d DARE experts (p=%.2f) to %s", len(experts), settings.drop_rate, root)
         for i, (expert, path) in enumerate(zip(expert_cks, dare_paths)):
-            _write_dare_expert(base_ck, expert, path, settings, tag=fps[i + 1])
+            task = progress.start(f"sparsifying {expert.name} (DARE p={settings.drop_rate})",
+                                  len(base_ck.tensor_names))
+            try:
+                _write_dare_expert(base_ck, expert, path, settings, tag=fps[i + 1], on_tensor=lambda _: task.advance())
+            finally:
+                task.close()
     dare_cks = [Checkpoint(p, name=f"dare({expert_cks[i].name})") for i, p in enumerate(dare_paths)]
     labels = ["base"] + [f"expert:{Path(e).name}" for e in experts] + [f"dare:{Path(e).name}" for e in experts]
-    return Basis([base_ck, *expert_cks, *dare_cks], labels, key, settings.granularity, settings.storage)
+    labels += [label for label, _ in extra_members]
+    return Basis([base_ck, *expert_cks, *dare_cks, *extra_cks], labels, key, settings.granularity, settings.storage,
+                 n_experts=len(experts), model_dir=model_dir)
 
 
-def _write_dare_expert(base: Checkpoint, expert: Checkpoint, out: Path, settings: BasisSettings, tag: str) -> None:
+def _write_dare_expert(base: Model, expert: Model, out: Path, settings: BasisSettings, tag: str,
+                       on_tensor=None) -> None:
     def sparsified(name: str) -> torch.Tensor:
         b, e = base.get(name), expert.get(name)
         check_finite(e, expert.name, name)
         delta = dare(task_vector(e, b), settings.drop_rate, generator(settings.seed, tag, name))
         return b.float() + delta
 
-    write_checkpoint(out, base, sparsified, inputs=[expert])
+    write_checkpoint(out, base, sparsified, inputs=[expert], on_tensor=on_tensor)
