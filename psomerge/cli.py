@@ -246,7 +246,7 @@ def _print_summary(result, extra_rows=()) -> None:
 def _print_registration(what: str, result) -> None:
     reg = result.registration
     p = reg.promotion
-    console.print(f"{what}: run {reg.run_id}; registered version {reg.version}; "
+    console.print(f"{what}: run {reg.run_id}; {'reused' if reg.reused else 'registered'} version {reg.version}; "
                   f"champion {'moved' if p['promoted'] else 'kept'}: {p['reason']}")
 
 

@@ -42,15 +42,20 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-def test_pso_flow_tracks_registers_and_promotes(tmp_path, home, char_family):
+def test_pso_flow_tracks_registers_and_promotes(tmp_path, home, char_family, monkeypatch):
+    from psomerge.evaluation import EvalSuite, evaluate
+    from psomerge.generation import open_generator
     from psomerge.orchestration.flows import pso_merge
 
     cfg = write_config(tmp_path / "run.yaml", char_family, "flow")
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)  # everything a run writes belongs under $PSOMERGE_HOME
     summary = pso_merge(str(cfg))
     assert [r.label for r in summary.rows] == ["base", "expert:e0", "expert:e1", "average", "psomerge:pso"]
     assert summary.counts.fitness_calls == 5 * 3
     reg = summary.registration
-    assert reg.version == "1" and reg.promotion["promoted"]
+    assert reg.version == "1" and reg.promotion["promoted"] and not reg.reused
 
     tracking.configure("psomerge")
     client = MlflowClient()
@@ -60,26 +65,54 @@ def test_pso_flow_tracks_registers_and_promotes(tmp_path, home, char_family):
     for name in ("best_addition", "mean_fitness", "std_fitness", "scorings", "cache_hits"):
         assert client.get_metric_history(run.info.run_id, name), name
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"convergence.png", "coefficients.png", "swarm", "tables", "model"} <= artifacts
+    assert {"convergence.png", "coefficients.png", "swarm", "tables"} <= artifacts
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert [c.info.run_name for c in children] == ["baseline:average"]
     version = client.get_model_version_by_alias("flow-model", "champion")
     assert str(version.version) == "1" and "base" in version.tags and "config_hash" in version.tags
+    assert json.loads(version.tags["coefficients"]) == summary.best_position.round(6).tolist()
     assert float(version.tags["heldout_score"]) == pytest.approx(summary.rows[-1].heldout.fitness)
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.source_run_id == reg.run_id  # an MLflow model logged by this run
     local = tracking.download("models:/flow-model@champion", tmp_path / "dl")
     AutoModelForCausalLM.from_pretrained(local)
 
-    # a second run of the same config scores nothing new
+    # the champion loads as an MLflow model and answers as the run's merged model does with the
+    # run's generation settings: the same answers, the same held-out scores
+    served = mlflow.pyfunc.load_model("models:/flow-model@champion")
+    suites = [EvalSuite.from_settings(s) for s in summary.config.suites]
+    prompts = [ex.prompt for s in suites for ex in s.split("heldout")]
+    merged = open_generator(summary.config.generation, summary.model_dir)
+    assert served.predict(prompts) == merged.generate(prompts)
+
+    class Served:
+        def generate(self, prompts):
+            return served.predict(list(prompts))
+
+    assert evaluate(Served(), suites, "heldout").scores == summary.rows[-1].heldout.scores
+
+    # a second run of the same config scores nothing new, and registers no duplicate of its model
     again = pso_merge(str(cfg))
     assert again.counts.scorings == 0 and again.counts.cache_hits == again.counts.fitness_calls
-    assert again.registration.version == "2" and not again.registration.promotion["promoted"]  # a tie never promotes
+    assert again.registration.version == "1" and again.registration.reused
+    assert not again.registration.promotion["promoted"]  # the gate ran: the candidate is already the champion
+    assert "already the champion" in again.registration.promotion["reason"]
+    assert len(client.search_model_versions("name = 'flow-model'")) == 1
+    assert client.get_run(again.registration.run_id).data.tags["reused_version"] == "True"
+    assert list(workdir.iterdir()) == []  # no stray mlruns/ (nor anything else) in the working directory
+    assert list((home / "mlartifacts").iterdir())
 
 
-def _register(name, score, tmp_path, tag=True):
+def _register(name, score, tmp_path, tag=True, key=None):
+    """A version of a fake model (a folder with one text file); its model key is its score
+    unless given."""
+    from psomerge.generation import TransformersSettings
+
     (tmp_path / "m").mkdir(exist_ok=True)
     (tmp_path / "m" / "weights.txt").write_text(str(score))
     with mlflow.start_run():
-        return tracking.register_version(tmp_path / "m", name, score if tag else float("nan"), {"note": "test"})
+        return tracking.register_version(tmp_path / "m", name, score if tag else float("nan"), {"note": "test"},
+                                         key=key or f"test-{score}", generation=TransformersSettings()).version
 
 
 def test_promotion_gate(tmp_path, home):
@@ -90,7 +123,7 @@ def test_promotion_gate(tmp_path, home):
     _register(name, 0.40, tmp_path)
     d = tracking.promote(name)
     assert not d["promoted"] and "does not beat" in d["reason"]  # a worse candidate is not promoted
-    _register(name, 0.50, tmp_path)
+    _register(name, 0.50, tmp_path, key="another model")
     assert not tracking.promote(name)["promoted"]  # a tie is not promoted
     _register(name, 0.52, tmp_path)
     assert not tracking.promote(name, margin=0.05)["promoted"]  # within the margin
@@ -100,6 +133,51 @@ def test_promotion_gate(tmp_path, home):
     v = _register(name, 0.9, tmp_path)
     client.delete_model_version_tag(name, v, tracking.HELDOUT_TAG)
     assert not tracking.promote(name)["promoted"]  # a missing score never promotes
+
+
+def test_registration_reuses_the_same_model_and_serves_it_over_http(tmp_path, home, char_family):
+    """A version is an MLflow model: registered once per (basis, coefficients, decoding), and
+    `mlflow models serve` answers prompts with it on loopback as psomerge's generator does."""
+    import numpy as np
+    import urllib.request
+
+    from psomerge.generation import TransformersSettings, open_generator
+
+    root, _, data = char_family
+    tracking.configure("serve")
+    settings = TransformersSettings(max_new_tokens=6)
+    coeffs = np.array([[1.0, 0.0, 0.0]])
+
+    def register(coefficients, generation):
+        with mlflow.start_run():
+            key = tracking.model_key("basis", coefficients, generation)
+            return tracking.register_version(root / "base", "served", 0.5, {"note": "base"}, key=key,
+                                             generation=generation)
+
+    assert register(coeffs, settings) == tracking.RegisteredVersion("1", reused=False)
+    assert register(coeffs + 1e-8, settings) == tracking.RegisteredVersion("1", reused=True)  # the same particle
+    assert register(coeffs, TransformersSettings(max_new_tokens=4)).version == "2"  # served differently
+    assert register(np.array([[0.5, 0.5, 0.0]]), settings).version == "3"  # another model
+    assert len(MlflowClient().search_model_versions("name = 'served'")) == 3
+    MlflowClient().set_registered_model_alias("served", "champion", "1")
+
+    prompts = [json.loads(line)["question"] for path in data.values() for line in path.read_text().splitlines()[:3]]
+    expected = open_generator(settings, root / "base").generate(prompts)
+    port = _free_port()
+    # `mlflow models serve` runs `uvicorn` from PATH: the environment's bin directory comes first
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = _start([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/served@champion",
+                     "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                    env, f"http://127.0.0.1:{port}/ping", cwd=tmp_path)
+    try:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
+                                         data=json.dumps({"inputs": prompts}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.loads(response.read())["predictions"] == expected
+    finally:
+        _stop(server)
 
 
 # In the child: SIGKILL itself in the middle of scoring its Nth particle (after it was
@@ -172,19 +250,33 @@ def test_resume_after_killed_run_loses_and_repeats_no_scoring(tmp_path, char_fam
     assert resumed_counts["fitness_calls"] == full_counts["fitness_calls"]
 
 
-def _start(cmd, env, url, timeout=120):
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def _start(cmd, env, url, timeout=120, cwd=None):
+    """A server in its own process group, once ``url`` answers."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            cwd=cwd)
     import urllib.request
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             urllib.request.urlopen(url, timeout=2)
             return proc
         except OSError:
             time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise RuntimeError(f"{cmd[0]} did not start")
+    _stop(proc)
+    raise RuntimeError(f"{' '.join(cmd[:5])} did not start")
+
+
+def _stop(proc):
+    """Stop a process group started by ``_start`` (SIGTERM, then SIGKILL)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
 
 
 def _free_port():
