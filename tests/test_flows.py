@@ -250,6 +250,59 @@ def test_resume_after_killed_run_loses_and_repeats_no_scoring(tmp_path, char_fam
     assert resumed_counts["fitness_calls"] == full_counts["fitness_calls"]
 
 
+def _gone(pid):
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _answers(url):
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        return True
+    except OSError:
+        return False
+
+
+def test_killed_run_takes_its_temporary_prefect_server_with_it(tmp_path, char_family):
+    """`kill -9` of `psomerge run` (no PREFECT_API_URL): the Prefect server it started dies too."""
+    import psutil
+
+    cfg = write_config(tmp_path / "run.yaml", char_family, "killed", steps=50, baselines=())
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    with open(tmp_path / "run.log", "wb") as out:
+        run = subprocess.Popen([sys.executable, "-m", "psomerge.cli", "run", str(cfg)], env=_isolated_env(tmp_path / "home"),
+                               cwd=workdir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    descendants = []
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # until the run's temporary Prefect server answers
+            assert run.poll() is None and time.monotonic() < deadline, (tmp_path / "run.log").read_text()[-3000:]
+            descendants = psutil.Process(run.pid).children(recursive=True)
+            servers = [p.cmdline() for p in descendants if "uvicorn" in " ".join(p.cmdline())]
+            if servers and _answers(f"http://127.0.0.1:{servers[0][servers[0].index('--port') + 1]}/api/health"):
+                break
+            time.sleep(0.2)
+        os.kill(run.pid, signal.SIGKILL)  # the run only, not its process group
+        run.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while not all(_gone(p.pid) for p in descendants) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [p.pid for p in descendants if not _gone(p.pid)] == []
+        assert list(workdir.iterdir()) == []  # nothing written under the working directory
+    finally:
+        for p in [psutil.Process(run.pid) if run.poll() is None else None, *descendants]:
+            if p is not None and not _gone(p.pid):
+                p.kill()
+        run.wait()
+
+
 def _start(cmd, env, url, timeout=120, cwd=None):
     """A server in its own process group, once ``url`` answers."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -267,11 +320,11 @@ def _start(cmd, env, url, timeout=120, cwd=None):
     raise RuntimeError(f"{' '.join(cmd[:5])} did not start")
 
 
-def _stop(proc):
+def _stop(proc, grace=30):
     """Stop a process group started by ``_start`` (SIGTERM, then SIGKILL)."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -314,6 +367,77 @@ def test_flow_on_two_worker_dask_cluster(tmp_path, char_family):
         server.wait(timeout=30)
 
 
+# The driver of a Ray run: records what each particle task sends to the Ray cluster (the
+# types of every object pickled with it) and whether this process scored any particle itself.
+RAY_DRIVER = """
+import io, json
+import cloudpickle
+from psomerge.orchestration.settings import apply_defaults
+apply_defaults()
+import ray
+from prefect_ray import RayTaskRunner
+from psomerge import pipeline
+from psomerge.orchestration.flows import run_flow
+
+sent, crossing, cpus, scored_here = [], set(), set(), []
+
+class Recorder(cloudpickle.Pickler):
+    def reducer_override(self, obj):
+        crossing.add(f"{type(obj).__module__}.{type(obj).__qualname__}")
+        return super().reducer_override(obj)
+
+submit = RayTaskRunner.submit
+def recording_submit(self, task, parameters, wait_for=None, dependencies=None):
+    Recorder(io.BytesIO()).dump((task, parameters))
+    sent.append({k: type(v).__name__ for k, v in parameters.items()})
+    cpus.add(ray.cluster_resources().get("CPU"))
+    return submit(self, task, parameters, wait_for, dependencies)
+RayTaskRunner.submit = recording_submit
+
+score = pipeline.RunContext.score
+def scoring_here(self, coeffs):
+    scored_here.append(1)
+    return score(self, coeffs)
+pipeline.RunContext.score = scoring_here
+
+if __name__ == "__main__":
+    s = run_flow(CONFIG)
+    print("SUMMARY" + json.dumps({"counts": s.counts.as_dict(), "sent": sent, "crossing": sorted(crossing),
+                                  "cpus": sorted(cpus), "scored_here": len(scored_here)}))
+"""
+
+
+def test_flow_on_local_ray_cluster_sends_only_configs_and_coefficients(tmp_path, char_family):
+    """`runner: ray` with 2 workers, and no Prefect server configured: `run_flow` starts its
+    temporary server, whose address the Ray workers inherit."""
+    pytest.importorskip("prefect_ray")
+    cfg = write_config(tmp_path / "run.yaml", char_family, "ray", steps=1, baselines=(),
+                       runner={"type": "ray", "max_workers": 2})
+    script = tmp_path / "run_ray.py"
+    script.write_text(RAY_DRIVER.replace("CONFIG", repr(str(cfg))))
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    proc = subprocess.Popen([sys.executable, str(script)], env=_isolated_env(tmp_path / "home"), cwd=workdir,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        _reap(proc)
+    assert proc.returncode == 0, out[-3000:]
+    result = json.loads(next(l for l in out.splitlines() if l.startswith("SUMMARY")).removeprefix("SUMMARY"))
+    counts = result["counts"]
+    assert counts["fitness_calls"] == 10 and counts["scorings"] + counts["cache_hits"] == 10 and counts["scorings"] > 0
+    assert result["scored_here"] == 0  # every particle was scored by a Ray worker's own RunContext
+    assert result["cpus"] == [2.0]  # a local cluster of 2 workers
+    # one task per particle; what crossed: the config as JSON, a coefficient list, two fingerprints
+    assert result["sent"] == [{"config_json": "str", "coeffs": "list", "basis_fingerprint": "str",
+                               "eval_fingerprint": "str"}] * 10
+    assert "prefect.tasks.Task" in result["crossing"]  # the recorder saw the task it sent
+    assert not [t for t in result["crossing"] if t.split(".")[0] in ("torch", "numpy", "transformers", "safetensors")
+                or t.startswith(("psomerge.pipeline", "psomerge.swarm"))], result["crossing"]
+    assert list(workdir.iterdir()) == []
+
+
 def test_mlflow_tracking_server_on_loopback(tmp_path, monkeypatch):
     port = _free_port()
     server = _start([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -343,6 +467,70 @@ def test_deployment_carries_the_cron_schedule(tmp_path, char_family):
     assert deployment.name == "nightly"
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
     assert deployment.parameters == {"config_path": str(cfg)}
+
+
+def _api(url, path, body=None):
+    """A Prefect API call: JSON in, JSON out."""
+    import urllib.request
+
+    request = urllib.request.Request(f"{url}{path}", method="POST" if body is not None else "GET",
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_deploy_serves_a_schedule_whose_runs_complete(tmp_path, char_family):
+    """`psomerge deploy --interval` against a real `prefect server`: the server's scheduler
+    creates a run, the served deployment executes it, and it completes (a registered model)."""
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    server_env = _isolated_env(tmp_path / "home", PREFECT_HOME=str(tmp_path / "prefect-server"),
+                               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_UI_ENABLED="false",
+                               PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="1")
+    server = _start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                    server_env, f"{api}/health")
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    deploy = None
+    try:
+        cfg = write_config(tmp_path / "run.yaml", char_family, "nightly", steps=1, baselines=())
+        with open(tmp_path / "deploy.log", "wb") as out:
+            deploy = subprocess.Popen([sys.executable, "-m", "psomerge.cli", "deploy", str(cfg), "--interval", "10"],
+                                      env=_isolated_env(tmp_path / "home", PREFECT_API_URL=api,
+                                                        PREFECT_RUNNER_POLL_FREQUENCY="2"), cwd=workdir,
+                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 400
+        completed = []
+        while not completed:
+            assert deploy.poll() is None and time.monotonic() < deadline, (tmp_path / "deploy.log").read_text()[-3000:]
+            time.sleep(1)
+            runs = _api(api, "/flow_runs/filter", {})
+            completed = [r for r in runs if r["state_type"] == "COMPLETED"]
+        deployment = _api(api, "/deployments/name/pso-merge/nightly")
+        assert deployment["schedules"][0]["schedule"]["interval"] == 10
+        run = completed[0]
+        assert run["deployment_id"] == deployment["id"] and run["auto_scheduled"]  # created by the schedule
+        assert run["parameters"] == {"config_path": str(cfg.resolve())}
+        assert (tmp_path / "home" / "runs" / "nightly" / "model" / "model.safetensors").exists()
+        assert list(workdir.iterdir()) == []
+    finally:
+        if deploy is not None:
+            _stop(deploy, grace=15)
+        _stop(server)
+
+
+def test_deploy_without_a_prefect_server_fails_fast(tmp_path, char_family):
+    cfg = write_config(tmp_path / "run.yaml", char_family, "unserved", steps=1, baselines=())
+    for extra, message in (({}, "a deployment needs a Prefect server"),
+                           ({"PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api"}, "no Prefect server answers")):
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "psomerge.cli", "deploy", str(cfg), "--cron", "0 3 * * *"],
+                                env=_isolated_env(tmp_path / "home", COLUMNS="200", **extra), capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+        assert time.monotonic() - started < 60
+    assert not (tmp_path / "home" / "prefect" / "prefect.db").exists()  # no temporary server was started
 
 
 def test_flow_with_llm_judge_reports_judge_usage(tmp_path, home, char_family):
