@@ -206,8 +206,9 @@ def _flow_subprocess(cfg, home, resume=False, kill_at=None):
 
 
 def _isolated_env(home, **extra):
-    """A child with its own data dir: no Prefect settings inherited from this process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    """A child with its own data dir: no Prefect settings inherited from this process, and no
+    MLflow store (``mlflow.set_tracking_uri`` in this process exports MLFLOW_TRACKING_URI)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "MLFLOW_TRACKING_URI"}
     return {**env, "PSOMERGE_HOME": str(home), "PYTHONUNBUFFERED": "1", **extra}
 
 
@@ -407,6 +408,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow  # a Ray cluster whose 2 workers each import torch and build a basis: about a minute
 def test_flow_on_local_ray_cluster_sends_only_configs_and_coefficients(tmp_path, char_family):
     """`runner: ray` with 2 workers, and no Prefect server configured: `run_flow` starts its
     temporary server, whose address the Ray workers inherit."""
@@ -480,6 +482,7 @@ def _api(url, path, body=None):
         return json.loads(response.read())
 
 
+@pytest.mark.slow  # a prefect server, a deployment and a flow run in its own process: about 45 s
 def test_deploy_serves_a_schedule_whose_runs_complete(tmp_path, char_family):
     """`psomerge deploy --interval` against a real `prefect server`: the server's scheduler
     creates a run, the served deployment executes it, and it completes (a registered model)."""

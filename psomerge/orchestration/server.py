@@ -54,13 +54,16 @@ class TemporaryServer:
     def __init__(self, home: Path, startup_timeout: float):
         self.log_path = home / "temporary-server.log"
         home.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):  # a port taken between choosing and binding: choose again
+        for _ in range(3):  # a port taken between choosing and binding: the server exits; choose again
             self.port = _free_port()
             self.proc = self._spawn()
             if self._wait_healthy(startup_timeout):
                 return
-        raise PrefectServerError(f"the temporary Prefect server did not start (exit code {self.proc.returncode}); "
-                                 f"its log: {self.log_path}")
+            if self.proc.poll() is None:  # still starting after the timeout
+                self.stop()
+                break
+        raise PrefectServerError(f"the temporary Prefect server did not answer within {startup_timeout:g} s "
+                                 f"(exit code {self.proc.returncode}); its log: {self.log_path}")
 
     @property
     def api_url(self) -> str:
@@ -70,9 +73,12 @@ class TemporaryServer:
         cmd = [sys.executable, "-c", _LAUNCHER, str(os.getpid()), "-m", "uvicorn", "--factory",
                "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
                "--log-level", "error", "--lifespan", "on"]
-        # as Prefect starts its own temporary server: no UI, the services an ephemeral server runs
-        env = {**os.environ, "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-               "PREFECT_SERVER_UI_ENABLED": "false"}
+        from prefect.settings import get_current_settings
+
+        # as Prefect starts its own temporary server: this process's settings (a profile's too), no
+        # UI, the services an ephemeral server runs
+        env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+               "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1", "PREFECT_SERVER_UI_ENABLED": "false"}
         env.pop("PREFECT_API_URL", None)
         with open(self.log_path, "ab") as out:
             # its own session: a Ctrl-C in the terminal reaches the run, which then stops the server
@@ -81,14 +87,12 @@ class TemporaryServer:
                                     start_new_session=True)
 
     def _wait_healthy(self, timeout: float) -> bool:
+        """Whether the server answers before ``timeout``; False at once if it exits."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
+        while time.monotonic() < deadline and self.proc.poll() is None:
             if reachable(self.api_url, timeout=1):
                 return True
             time.sleep(0.1)
-        self.stop()
         return False
 
     def alive(self) -> bool:
@@ -125,7 +129,8 @@ def ensure_api() -> str:
     server started now (once per process, stopped at exit, killed with this process)."""
     global _server
     url = configured_api_url()
-    if url and not (_server is not None and url == _server.api_url and not _server.alive()):
+    ours_died = _server is not None and url == _server.api_url and not _server.alive()
+    if url and not ours_died:
         return url
     from prefect.context import refresh_global_settings_context
     from prefect.settings import get_current_settings
