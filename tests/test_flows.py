@@ -139,7 +139,6 @@ def test_registration_reuses_the_same_model_and_serves_it_over_http(tmp_path, ho
     """A version is an MLflow model: registered once per (basis, coefficients, decoding), and
     `mlflow models serve` answers prompts with it on loopback as psomerge's generator does."""
     import numpy as np
-    import urllib.request
 
     from psomerge.generation import TransformersSettings, open_generator
 
@@ -171,11 +170,7 @@ def test_registration_reuses_the_same_model_and_serves_it_over_http(tmp_path, ho
                      "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
                     env, f"http://127.0.0.1:{port}/ping", cwd=tmp_path)
     try:
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
-                                         data=json.dumps({"inputs": prompts}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            assert json.loads(response.read())["predictions"] == expected
+        assert _json(f"http://127.0.0.1:{port}/invocations", {"inputs": prompts})["predictions"] == expected
     finally:
         _stop(server)
 
@@ -278,8 +273,9 @@ def test_killed_run_takes_its_temporary_prefect_server_with_it(tmp_path, char_fa
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     with open(tmp_path / "run.log", "wb") as out:
-        run = subprocess.Popen([sys.executable, "-m", "psomerge.cli", "run", str(cfg)], env=_isolated_env(tmp_path / "home"),
-                               cwd=workdir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        run = subprocess.Popen([sys.executable, "-m", "psomerge.cli", "run", str(cfg)],
+                               env=_isolated_env(tmp_path / "home"), cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                               start_new_session=True)
     descendants = []
     try:
         deadline = time.monotonic() + 300
@@ -471,14 +467,14 @@ def test_deployment_carries_the_cron_schedule(tmp_path, char_family):
     assert deployment.parameters == {"config_path": str(cfg)}
 
 
-def _api(url, path, body=None):
-    """A Prefect API call: JSON in, JSON out."""
+def _json(url, body=None):
+    """GET (no body) or POST JSON; the JSON answer."""
     import urllib.request
 
-    request = urllib.request.Request(f"{url}{path}", method="POST" if body is not None else "GET",
+    request = urllib.request.Request(url, method="POST" if body is not None else "GET",
                                      data=None if body is None else json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
+    with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
 
 
@@ -508,9 +504,9 @@ def test_deploy_serves_a_schedule_whose_runs_complete(tmp_path, char_family):
         while not completed:
             assert deploy.poll() is None and time.monotonic() < deadline, (tmp_path / "deploy.log").read_text()[-3000:]
             time.sleep(1)
-            runs = _api(api, "/flow_runs/filter", {})
+            runs = _json(f"{api}/flow_runs/filter", {})
             completed = [r for r in runs if r["state_type"] == "COMPLETED"]
-        deployment = _api(api, "/deployments/name/pso-merge/nightly")
+        deployment = _json(f"{api}/deployments/name/pso-merge/nightly")
         assert deployment["schedules"][0]["schedule"]["interval"] == 10
         run = completed[0]
         assert run["deployment_id"] == deployment["id"] and run["auto_scheduled"]  # created by the schedule

@@ -32,7 +32,8 @@ def requirements() -> list[str]:
     """What loading needs, pinned as installed here (given, so MLflow does not infer them by
     loading the model in a subprocess). psomerge itself must be importable where it loads."""
     # without a local build tag (torch's +cpu): the same release serves on a GPU host
-    return [f"{p}=={version(p).split('+')[0]}" for p in ("mlflow", "torch", "transformers", "tokenizers", "safetensors")]
+    packages = ("mlflow", "torch", "transformers", "tokenizers", "safetensors")
+    return [f"{p}=={version(p).split('+')[0]}" for p in packages]
 
 
 class MergedModel(PythonModel):
