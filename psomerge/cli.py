@@ -341,7 +341,7 @@ def _print_summary(result, extra_rows=(), counts=None) -> None:
 def _print_registration(what: str, result) -> None:
     reg = result.registration
     p = reg.promotion
-    console.print(f"{what}: run {reg.run_id}; registered version {reg.version}; "
+    console.print(f"{what}: run {reg.run_id}; {'reused' if reg.reused else 'registered'} version {reg.version}; "
                   f"champion {'moved' if p['promoted'] else 'kept'}: {p['reason']}")
 
 
@@ -353,29 +353,42 @@ def promote(
 ) -> None:
     """Move alias 'champion' to 'candidate' when the candidate's held-out score is higher."""
     _setup(verbose)
-    from psomerge.orchestration.flows import promote as promote_flow
+    from psomerge.orchestration.flows import run_promote
 
-    decision = promote_flow(model_name, margin)
+    try:
+        decision = run_promote(model_name, margin)
+    except PsomergeError as exc:
+        _fail(exc)
     console.print(f"{'promoted' if decision['promoted'] else 'not promoted'}: {decision['reason']}")
 
 
 @app.command()
 def deploy(
     config: Annotated[Path, typer.Argument(help="run config YAML")],
-    cron: Annotated[str, typer.Option(help="schedule, e.g. '0 3 * * *'")],
+    cron: Annotated[Optional[str], typer.Option(help="schedule, e.g. '0 3 * * *'")] = None,
+    interval: Annotated[Optional[float], typer.Option(min=1, help="or: a run every SECONDS")] = None,
     name: Annotated[Optional[str], typer.Option(help="deployment name (default: the config's name)")] = None,
 ) -> None:
     """Serve the PSO-Merging flow as a scheduled Prefect deployment (needs a Prefect server:
-    set PREFECT_API_URL). Runs until interrupted."""
+    set PREFECT_API_URL), one run at a time. Runs until interrupted."""
     _setup(False)
     from psomerge.config import RunConfig
-    from psomerge.orchestration.flows import pso_merge
+    from psomerge.orchestration.server import require_api
 
     try:
+        if (cron is None) == (interval is None):
+            raise PsomergeError("give one schedule: --cron '0 3 * * *' or --interval SECONDS")
         cfg = RunConfig.load(config)
+        url = require_api()  # before serving: without a server, serve would start a temporary one and hang
     except PsomergeError as exc:
         _fail(exc)
-    pso_merge.serve(name=name or cfg.name, cron=cron, parameters={"config_path": str(config.resolve())})
+    from psomerge.orchestration.flows import pso_merge
+
+    console.print(f"serving deployment {name or cfg.name!r} of flow pso-merge on {url} "
+                  f"({'cron ' + cron if cron else f'every {interval:g} s'}); Ctrl-C stops")
+    # one run at a time: runs of one config share its run folder, caches and resident models
+    pso_merge.serve(name=name or cfg.name, cron=cron, interval=interval, limit=1,
+                    parameters={"config_path": str(config.resolve())})
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -121,6 +121,7 @@ class Registration:
     run_id: str
     version: str
     promotion: dict[str, Any]
+    reused: bool = False  # the same model was registered before: its version was reused, not duplicated
 
 
 @dataclass

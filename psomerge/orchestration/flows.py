@@ -7,16 +7,17 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from psomerge.config import DaskRunner, RayRunner, RunConfig, ThreadsRunner
+from psomerge.orchestration.server import ensure_api
 from psomerge.orchestration.tasks import PrefectScoring
 from psomerge.orchestration.watching import current_progress, watched_by
 from psomerge.pipeline import RunResult, run_pipeline
 from psomerge.progress import SILENT, Progress
 
 
-def task_runner(settings: ThreadsRunner | DaskRunner | RayRunner):
+def task_runner(settings: ThreadsRunner | DaskRunner | RayRunner) -> TaskRunner:
     """Threads by default; Dask or Ray workers (each builds its own RunContext) when asked."""
     if isinstance(settings, ThreadsRunner):
         return ThreadPoolTaskRunner(max_workers=settings.max_workers)
@@ -34,16 +35,20 @@ def task_runner(settings: ThreadsRunner | DaskRunner | RayRunner):
     return RayTaskRunner(init_kwargs={"num_cpus": settings.max_workers, "include_dashboard": False})
 
 
-@flow(name="pso-merge", log_prints=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="pso-merge", log_prints=False, task_runner=ThreadPoolTaskRunner(max_workers=1))  # idle: see below
 def pso_merge(config_path: str, resume: bool = False) -> RunResult:
     """validate experts -> sparsify (DARE basis) -> per step: score particles (one task each,
     concurrent, cached, retried) -> PSO update -> checkpoint -> report rows (base, experts,
-    static baselines, the merge) -> merged model -> MLflow run, registered version, gate."""
+    static baselines, the merge) -> merged model -> MLflow run, registered version, gate.
+
+    Particles go to the task runner the config asks for (``runner:``), started here: however
+    the flow is started (called, ``run_flow``, a deployment), its config decides."""
     from psomerge.tracking import MLflowTracker
 
     cfg = RunConfig.load(config_path)
-    return run_pipeline(cfg, scoring=PrefectScoring(cfg), tracker=MLflowTracker(), resume=resume,
-                        progress=current_progress())
+    with task_runner(cfg.runner) as runner:
+        return run_pipeline(cfg, scoring=PrefectScoring(cfg, runner), tracker=MLflowTracker(), resume=resume,
+                            progress=current_progress())
 
 
 @flow(name="promote")
@@ -56,7 +61,14 @@ def promote(model_name: str, margin: float = 0.0, experiment: str = "psomerge") 
 
 
 def run_flow(config_path: str | Path, resume: bool = False, progress: Progress = SILENT) -> RunResult:
-    """Run pso_merge with the task runner its config asks for (threads, Dask or Ray)."""
-    cfg = RunConfig.load(config_path)
+    """Run pso_merge against the configured Prefect server, or a temporary one that dies with
+    this process; ``progress`` shows its particles and evaluations."""
+    ensure_api()
     with watched_by(progress):
-        return pso_merge.with_options(task_runner=task_runner(cfg.runner))(str(config_path), resume=resume)
+        return pso_merge(str(config_path), resume=resume)
+
+
+def run_promote(model_name: str, margin: float = 0.0, experiment: str = "psomerge") -> dict[str, Any]:
+    """Run the promote flow, against the configured Prefect server or a temporary one."""
+    ensure_api()
+    return promote(model_name, margin, experiment)

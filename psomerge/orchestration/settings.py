@@ -23,6 +23,7 @@ def defaults(home: Path | None = None) -> dict[str, str]:
         # no telemetry from MLflow, Prefect or anything honouring DO_NOT_TRACK
         "DO_NOT_TRACK": "true",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        "RAY_USAGE_STATS_ENABLED": "0",
         # Prefect: a temporary local server per process, its home and results under the data dir
         "PREFECT_HOME": str(prefect_home),
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(prefect_home / "storage"),

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import TaskRunner
 
 from psomerge.config import RunConfig
 from psomerge.errors import PsomergeError
@@ -118,11 +119,14 @@ def write_merged_model(config_json: str, coeffs: list[list[float]], out_dir: str
 
 
 class PrefectScoring:
-    """The pipeline's scoring seam as Prefect tasks on the flow's task runner: one task per
-    particle (concurrent, cached by the particle key, retried on transient judge errors)."""
+    """The pipeline's scoring seam as Prefect tasks: one task per particle on ``runner`` (a
+    started task runner: threads, Dask or Ray workers; concurrent, cached by the particle key,
+    retried on transient judge errors). Report rows, baselines and the merged model are scored
+    and written in the flow's own process."""
 
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, runner: TaskRunner):
         self.config_json = config.model_dump_json()
+        self.runner = runner
 
     def prepare(self) -> BasisInfo:
         info = prepare_basis(self.config_json)
@@ -131,9 +135,13 @@ class PrefectScoring:
         return self.info
 
     def score(self, positions: list[np.ndarray], targets: list, progress=None) -> list[ParticleScore]:
-        futures = [score_particle.submit(self.config_json, x.tolist(), self.info.fingerprint, self.eval_fingerprint,
-                                         None if t is None else (t[0], np.asarray(t[1]).tolist()))
-                   for x, t in zip(positions, targets)]
+        futures = []
+        for x, t in zip(positions, targets):
+            parameters = {"config_json": self.config_json, "coeffs": x.tolist(),
+                          "basis_fingerprint": self.info.fingerprint, "eval_fingerprint": self.eval_fingerprint}
+            if t is not None:  # racing: what the particle must beat
+                parameters["target"] = (t[0], np.asarray(t[1]).tolist())
+            futures.append(self.runner.submit(score_particle, parameters))
         results = []
         for f in futures:
             r = f.result()

@@ -3,27 +3,48 @@ aliases ``candidate`` and ``champion``, and the promotion gate.
 
 Embedded default: a SQLite store and an artifact folder under the data directory. Set
 ``MLFLOW_TRACKING_URI`` to use a tracking server instead.
+
+A registered version is an MLflow model (``psomerge.tracking.pyfunc``): the merged checkpoint
+and a pyfunc answering prompts. A version is registered once per model: a run that produced
+the same model (same basis, same coefficients, same served generation settings) reuses it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 
+from psomerge.hashing import digest
 from psomerge.paths import data_dir
+from psomerge.swarm.cache import particle_key
+from psomerge.tracking.pyfunc import CHECKPOINT, log_merged_model, served_settings
+
+log = logging.getLogger(__name__)
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 HELDOUT_TAG = "heldout_score"
+MODEL_KEY_TAG = "model_key"
+SERVER_SCHEMES = ("http", "https", "databricks")  # tracking servers choose where artifacts go
 
 
 def configure(experiment: str = "psomerge") -> str:
-    """Point MLflow at $MLFLOW_TRACKING_URI or the embedded store; return the experiment id."""
+    """Point MLflow at $MLFLOW_TRACKING_URI or the embedded store; return the experiment id.
+
+    Unless a tracking server keeps them, a new experiment's artifacts go under
+    ``$PSOMERGE_HOME/mlartifacts``: MLflow's own default for a database store is ``./mlruns``
+    of the working directory. (The choice is made from the URI, not from whether
+    ``MLFLOW_TRACKING_URI`` is set: ``mlflow.set_tracking_uri`` exports that variable.)
+    """
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         root = data_dir()
@@ -32,11 +53,14 @@ def configure(experiment: str = "psomerge") -> str:
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment)
+    local_artifacts = None if uri.split(":", 1)[0] in SERVER_SCHEMES else (data_dir() / "mlartifacts").resolve()
     if exp is None:
-        artifact_location = None if os.environ.get("MLFLOW_TRACKING_URI") else (data_dir() / "mlartifacts").resolve().as_uri()
-        exp_id = client.create_experiment(experiment, artifact_location=artifact_location)
+        exp_id = client.create_experiment(experiment, artifact_location=local_artifacts and local_artifacts.as_uri())
     else:
         exp_id = exp.experiment_id
+        if local_artifacts and not exp.artifact_location.removeprefix("file://").startswith(str(local_artifacts)):
+            log.warning("MLflow experiment %r keeps its artifacts in %s (created so by an earlier version); new "
+                        "experiments keep them in %s", experiment, exp.artifact_location, local_artifacts)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -52,21 +76,59 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def register_version(model_dir: Path, name: str, heldout_score: float, lineage: dict[str, Any]) -> str:
-    """Log the model folder to the active run, register it as a new version of ``name``,
-    tag it with its lineage and held-out score, and point alias ``candidate`` at it."""
-    run = mlflow.active_run()
-    mlflow.log_artifacts(str(model_dir), artifact_path="model")
+def model_key(basis_fingerprint: str, coefficients: np.ndarray, generation) -> str:
+    """What makes two registered models the same: the basis, the coefficients rounded as the
+    fitness cache rounds them, and the decoding the served model applies."""
+    decoding = {k: v for k, v in served_settings(generation).items() if k != "batch_size"}
+    return particle_key(basis_fingerprint, coefficients, "served:" + digest(decoding))
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    version: str
+    reused: bool  # an existing version of the same model (same model key), not a new one
+
+
+def find_version(name: str, key: str) -> str | None:
+    """The version of ``name`` registered with model key ``key``, if any."""
+    found = MlflowClient().search_model_versions(f"name = '{name}' and tags.{MODEL_KEY_TAG} = '{key}'")
+    return str(min(int(v.version) for v in found)) if found else None
+
+
+def register_version(model_dir: Path, name: str, heldout_score: float, lineage: dict[str, Any], key: str,
+                     generation) -> RegisteredVersion:
+    """Register the model folder as a version of ``name`` (an MLflow model logged to the
+    active run, tagged with its lineage, held-out score and model key) and point alias
+    ``candidate`` at it; a model registered before under the same key is reused instead."""
     client = MlflowClient()
+    existing = find_version(name, key)
+    if existing is not None:
+        stored = stored_score(client.get_model_version(name, existing))
+        if stored is not None and stored != float(heldout_score):
+            log.warning("model %s version %s is this run's model; it keeps its held-out score %s (this run "
+                        "measured %s)", name, existing, stored, heldout_score)
+        client.set_registered_model_alias(name, CANDIDATE, existing)
+        return RegisteredVersion(existing, reused=True)
+    model_uri = log_merged_model(model_dir, generation)
     try:
         client.create_registered_model(name)
-    except MlflowException:
-        pass  # already registered
-    tags = {**flatten(lineage), HELDOUT_TAG: repr(float(heldout_score))}
-    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
-                                          tags=tags)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    tags = {**flatten(lineage), HELDOUT_TAG: repr(float(heldout_score)), MODEL_KEY_TAG: key}
+    version = client.create_model_version(name, source=model_uri, run_id=mlflow.active_run().info.run_id, tags=tags,
+                                          model_id=model_uri.removeprefix("models:/"))
     client.set_registered_model_alias(name, CANDIDATE, version.version)
-    return str(version.version)
+    return RegisteredVersion(str(version.version), reused=False)
+
+
+def stored_score(mv) -> float | None:
+    """A model version's held-out score; None when missing or unreadable."""
+    raw = mv.tags.get(HELDOUT_TAG)
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None
 
 
 def alias_score(name: str, alias: str) -> tuple[str, float | None] | None:
@@ -76,12 +138,7 @@ def alias_score(name: str, alias: str) -> tuple[str, float | None] | None:
         mv = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
-    raw = mv.tags.get(HELDOUT_TAG)
-    try:
-        score = float(raw) if raw is not None else None
-    except ValueError:
-        score = None
-    return str(mv.version), score
+    return str(mv.version), stored_score(mv)
 
 
 def promote(name: str, margin: float = 0.0) -> dict[str, Any]:
@@ -110,5 +167,9 @@ def promote(name: str, margin: float = 0.0) -> dict[str, Any]:
 
 
 def download(uri: str, dst: Path | None = None) -> Path:
-    """A registered model as a local folder (``models:/NAME@champion``)."""
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None))
+    """The checkpoint folder of a registered model (``models:/NAME@champion``), downloaded:
+    loadable with ``AutoModelForCausalLM.from_pretrained``."""
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None))
+    if not (root / "MLmodel").exists():  # registered by psomerge before versions were MLflow models
+        return root
+    return root / Model.load(root / "MLmodel").flavors["python_function"]["artifacts"][CHECKPOINT]["path"]

@@ -60,13 +60,17 @@ class MLflowTracker:
         merged = next(r for r in result.rows if r.label == result.merged_label)
         mlflow.log_metrics({**_metrics("heldout", merged.heldout),
                             **{f"total_{k}": float(v) for k, v in result.counts.as_dict().items()}})
-        version = registry.register_version(result.model_dir, cfg.registry.model_name, merged.heldout.fitness, {
-            "base": str(cfg.base), "experts": [str(e) for e in cfg.experts], "fingerprints": self.info.fingerprints,
-            "config_hash": digest(cfg.model_dump_json(), 12), "coefficients": result.best_position.round(6).tolist(),
-            "optimizer": cfg.optimizer.type})
+        lineage = {"base": str(cfg.base), "experts": [str(e) for e in cfg.experts],
+                   "fingerprints": self.info.fingerprints, "config_hash": digest(cfg.model_dump_json(), 12),
+                   "coefficients": result.best_position.round(6).tolist(), "optimizer": cfg.optimizer.type}
+        registered = registry.register_version(
+            result.model_dir, cfg.registry.model_name, merged.heldout.fitness, lineage,
+            key=registry.model_key(self.info.fingerprint, result.best_position, cfg.generation),
+            generation=cfg.generation)
         decision = registry.promote(cfg.registry.model_name, cfg.registry.promotion_margin)
-        mlflow.set_tags({"registered_version": version, "promoted": str(decision["promoted"])})
-        return Registration(self.run.info.run_id, version, decision)
+        mlflow.set_tags({"registered_version": registered.version, "reused_version": str(registered.reused),
+                         "promoted": str(decision["promoted"])})
+        return Registration(self.run.info.run_id, registered.version, decision, reused=registered.reused)
 
     def close(self, failed: bool) -> None:
         if self.run is not None:
