@@ -348,15 +348,21 @@ def _print_registration(what: str, result) -> None:
 @app.command()
 def promote(
     model_name: Annotated[str, typer.Argument(help="registered model name")],
-    margin: Annotated[float, typer.Option(help="held-out margin the candidate must beat the champion by")] = 0.0,
+    margin: Annotated[float, typer.Option(help="score margin the candidate must beat the champion by")] = 0.0,
+    confidence: Annotated[float, typer.Option(help="one-sided confidence that the gain exceeds the margin "
+                                                   "(paired bootstrap over the same examples)")] = 0.95,
+    config: Annotated[Optional[Path], typer.Option(help="the candidate's run config: re-scores a champion "
+                                                        "measured on other examples on the same ones")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "psomerge",
     verbose: bool = False,
 ) -> None:
-    """Move alias 'champion' to 'candidate' when the candidate's held-out score is higher."""
+    """Move alias 'champion' to 'candidate' when the candidate beats it on the same examples,
+    beyond noise."""
     _setup(verbose)
     from psomerge.orchestration.flows import run_promote
 
     try:
-        decision = run_promote(model_name, margin)
+        decision = run_promote(model_name, margin, experiment, confidence, str(config) if config else None)
     except PsomergeError as exc:
         _fail(exc)
     console.print(f"{'promoted' if decision['promoted'] else 'not promoted'}: {decision['reason']}")

@@ -58,6 +58,7 @@ class RegistrySettings(StrictModel):
     experiment: str = "psomerge"
     model_name: str = "psomerge-merged"
     promotion_margin: float = Field(0.0, ge=0)  # the candidate must beat the champion by more than this
+    promotion_confidence: float = Field(0.95, ge=0.5, lt=1)  # ... beyond noise: one-sided paired bootstrap
 
 
 class RunConfig(StrictModel):

@@ -114,6 +114,8 @@ class BasisInfo:
     group_labels: list[str]
     fingerprints: dict[str, str]  # content hash of base and each expert, by path
     n_experts: int
+    eval_fingerprint: str = ""  # what report rows are measured on: suites, splits, judges, generation
+    weights: dict[str, float] = field(default_factory=dict)  # suite weights
 
 
 @dataclass
@@ -193,7 +195,8 @@ class RunContext:
     def info(self) -> BasisInfo:
         b = self.basis
         fingerprints = {m.name: m.fingerprint() for m in b.members[: 1 + b.n_experts]}
-        return BasisInfo(b.fingerprint, b.k, b.num_groups, b.labels, b.group_labels, fingerprints, b.n_experts)
+        return BasisInfo(b.fingerprint, b.k, b.num_groups, b.labels, b.group_labels, fingerprints, b.n_experts,
+                         self.evaluator.fingerprint, {s.name: s.weight for s in self.suites})
 
     def usage(self) -> Usage:
         """Usage so far (exact with one scoring thread per process)."""
@@ -229,6 +232,11 @@ class RunContext:
         before = self.usage()
         result = self.evaluator.evaluate(np.asarray(coeffs), "validation")
         return result, self.usage().minus(before)
+
+    def score_checkpoint(self, folder: Path, split: str) -> EvalResult:
+        """A checkpoint folder's judge scores on a split (the promotion gate re-scores a
+        champion measured on other examples)."""
+        return self.evaluator.evaluate_checkpoint(folder, split)
 
     def baseline(self, name: str) -> Row:
         """A report row for a static merge of the experts (merged once, cached by recipe)."""
@@ -269,6 +277,7 @@ class Scoring(Protocol):
     def evaluate(self, particles: dict[str, np.ndarray]) -> list[Row]: ...
     def validate(self, particles: list[np.ndarray]) -> list[tuple[EvalResult, Usage]]: ...
     def baseline(self, name: str) -> Row: ...
+    def score_checkpoint(self, folder: Path, split: str) -> EvalResult: ...
     def write_model(self, coeffs: np.ndarray, out_dir: Path) -> Path: ...
     def close(self) -> None: ...
 
@@ -306,6 +315,9 @@ class InProcessScoring:
     def baseline(self, name: str) -> Row:
         return self.context.baseline(name)
 
+    def score_checkpoint(self, folder: Path, split: str) -> EvalResult:
+        return self.context.score_checkpoint(folder, split)
+
     def write_model(self, coeffs: np.ndarray, out_dir: Path) -> Path:
         return self.context.write_model(coeffs, out_dir)
 
@@ -321,7 +333,8 @@ class Tracker(Protocol):
     def start(self, config: RunConfig, info: BasisInfo, resumed: dict[str, Any] | None) -> dict[str, Any]: ...
     def log_step(self, report: StepReport) -> None: ...
     def log_baseline(self, row: Row) -> None: ...
-    def finish(self, result: RunResult, checkpoint: Path) -> Registration | None: ...
+    def finish(self, result: RunResult, checkpoint: Path,
+               rescore: Callable[[Path, str], EvalResult]) -> Registration | None: ...
     def close(self, failed: bool) -> None: ...
 
 
@@ -335,7 +348,7 @@ class NullTracker:
     def log_baseline(self, row):
         pass
 
-    def finish(self, result, checkpoint):
+    def finish(self, result, checkpoint, rescore):
         return None
 
     def close(self, failed):
@@ -420,7 +433,7 @@ def run_pipeline(
                 counts.add(row.usage)
             result.rows = rows
             result.model_dir = scoring.write_model(result.best_position, out / "model")
-            result.registration = tracker.finish(result, checkpoint)
+            result.registration = tracker.finish(result, checkpoint, scoring.score_checkpoint)
         failed = False
         return result
     finally:

@@ -103,36 +103,59 @@ def test_pso_flow_tracks_registers_and_promotes(tmp_path, home, char_family, mon
     assert list((home / "mlartifacts").iterdir())
 
 
-def _register(name, score, tmp_path, tag=True, key=None):
-    """A version of a fake model (a folder with one text file); its model key is its score
-    unless given."""
+def _register(name, score, tmp_path, tag=True, key=None, gate=None):
+    """A version of a fake model (a folder with one text file), with per-example gate scores
+    whose mean is ``score`` (200 examples of one suite) unless ``gate`` is given; its model
+    key is its score unless given."""
+    from psomerge.evaluation.gate import GateScores
     from psomerge.generation import TransformersSettings
 
+    if gate is None and tag:
+        ones = round(score * 200)
+        gate = GateScores("validation", "fp", {"s": [1.0] * ones + [0.0] * (200 - ones)}, {"s": 1.0})
     (tmp_path / "m").mkdir(exist_ok=True)
     (tmp_path / "m" / "weights.txt").write_text(str(score))
     with mlflow.start_run():
-        return tracking.register_version(tmp_path / "m", name, score if tag else float("nan"), {"note": "test"},
-                                         key=key or f"test-{score}", generation=TransformersSettings()).version
+        return tracking.register_version(tmp_path / "m", name, score, {"note": "test"}, key=key or f"test-{score}",
+                                         generation=TransformersSettings(), gate=gate).version
 
 
 def test_promotion_gate(tmp_path, home):
+    from psomerge.evaluation.gate import GateScores
+
     tracking.configure("gate")
     name = "gate-model"
     assert _register(name, 0.50, tmp_path) == "1"
     assert tracking.promote(name)["promoted"]  # first champion
     _register(name, 0.40, tmp_path)
     d = tracking.promote(name)
-    assert not d["promoted"] and "does not beat" in d["reason"]  # a worse candidate is not promoted
+    assert not d["promoted"] and "not beyond noise" in d["reason"]  # a worse candidate is not promoted
     _register(name, 0.50, tmp_path, key="another model")
     assert not tracking.promote(name)["promoted"]  # a tie is not promoted
-    _register(name, 0.52, tmp_path)
+    # 0.52: the champion's examples plus four more right, paired on the same 200 examples
+    champion = [1.0] * 100 + [0.0] * 100
+    better = [1.0] * 104 + [0.0] * 96
+    _register(name, 0.52, tmp_path, gate=GateScores("validation", "fp", {"s": better}, {"s": 1.0}))
     assert not tracking.promote(name, margin=0.05)["promoted"]  # within the margin
-    assert tracking.promote(name, margin=0.01)["promoted"]
+    assert not tracking.promote(name, margin=0.01)["promoted"]  # beyond the margin, but not beyond noise
+    decision = tracking.promote(name, margin=0.0)
+    assert decision["promoted"] and decision["p_not_better"] < 0.05
     assert str(MlflowClient().get_model_version_by_alias(name, "champion").version) == "4"
-    client = MlflowClient()
-    v = _register(name, 0.9, tmp_path)
-    client.delete_model_version_tag(name, v, tracking.HELDOUT_TAG)
-    assert not tracking.promote(name)["promoted"]  # a missing score never promotes
+    # the same mean gain spread over many disagreements is noise
+    noisy = [1.0 - v for v in better[:60]] + better[60:164] + [1.0] * 36
+    _register(name, sum(noisy) / 200, tmp_path, gate=GateScores("validation", "fp", {"s": noisy}, {"s": 1.0}))
+    assert not tracking.promote(name)["promoted"]
+    # a candidate without per-example scores, or scored on no example, never promotes
+    _register(name, 0.9, tmp_path, tag=False, key="no scores")
+    assert "no per-example scores" in tracking.promote(name)["reason"]
+    _register(name, 0.95, tmp_path, key="empty", gate=GateScores("validation", "fp", {"s": []}, {"s": 1.0}))
+    assert "no example" in tracking.promote(name)["reason"]
+    # scores measured on other examples are never compared as they are
+    _register(name, 1.0, tmp_path, key="easy five", gate=GateScores("validation", "other", {"s": [1.0] * 5},
+                                                                     {"s": 1.0}))
+    d = tracking.promote(name)
+    assert not d["promoted"] and "different examples" in d["reason"]
+    assert str(MlflowClient().get_model_version_by_alias(name, "champion").version) == "4"
 
 
 def test_registration_reuses_the_same_model_and_serves_it_over_http(tmp_path, home, char_family):

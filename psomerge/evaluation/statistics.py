@@ -63,9 +63,9 @@ def bootstrap(scored: Mapping[str, Sequence[float]], weights: Mapping[str, float
 
 def paired_bootstrap(a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float]],
                      weights: Mapping[str, float], level: float = 0.95, resamples: int = RESAMPLES,
-                     seed: int = 0) -> Comparison:
+                     seed: int = 0, margin: float = 0.0) -> Comparison:
     """Interval of score(a) - score(b) over resamples shared by both, and the share of
-    resamples in which a is not better."""
+    resamples in which a does not beat b by more than ``margin``."""
     for s in a:
         if len(a[s]) != len(b[s]):
             raise ValueError(f"suite {s!r}: {len(a[s])} vs {len(b[s])} examples: not paired")
@@ -74,4 +74,4 @@ def paired_bootstrap(a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[
     tail = (1 - level) / 2
     mean = weighted_score(a, weights) - weighted_score(b, weights)
     return Comparison(Interval(mean, float(np.quantile(diffs, tail)), float(np.quantile(diffs, 1 - tail))),
-                      float(np.mean(diffs <= 0)))
+                      float(np.mean(diffs <= margin)))

@@ -52,12 +52,33 @@ def pso_merge(config_path: str, resume: bool = False) -> RunResult:
 
 
 @flow(name="promote")
-def promote(model_name: str, margin: float = 0.0, experiment: str = "psomerge") -> dict[str, Any]:
-    """Move alias ``champion`` to ``candidate`` only if its held-out score is higher by > margin."""
+def promote(model_name: str, margin: float = 0.0, experiment: str = "psomerge", confidence: float = 0.95,
+            config_path: str | None = None) -> dict[str, Any]:
+    """Move alias ``champion`` to ``candidate`` only if it beats the champion on the same
+    examples by more than ``margin``, beyond noise. With a run config, a champion measured on
+    other examples is re-scored on the candidate's gate split first."""
+    from psomerge.evaluation.gate import GateScores
     from psomerge.tracking import registry
 
     registry.configure(experiment)
-    return registry.promote(model_name, margin)
+    if config_path is None:
+        return registry.promote(model_name, margin, confidence)
+    from psomerge.pipeline import RunContext
+
+    ctx = RunContext(RunConfig.load(config_path))
+    info = ctx.info()
+
+    def rescore(folder: Path) -> GateScores:
+        from psomerge.hashing import digest
+
+        split = "validation" if ctx.has_validation else "heldout"
+        return GateScores(split, digest([info.eval_fingerprint, split]), ctx.score_checkpoint(folder, split).scored,
+                          info.weights)
+
+    try:
+        return registry.promote(model_name, margin, confidence, rescore)
+    finally:
+        ctx.close()
 
 
 def run_flow(config_path: str | Path, resume: bool = False, progress: Progress = SILENT) -> RunResult:
@@ -68,7 +89,8 @@ def run_flow(config_path: str | Path, resume: bool = False, progress: Progress =
         return pso_merge(str(config_path), resume=resume)
 
 
-def run_promote(model_name: str, margin: float = 0.0, experiment: str = "psomerge") -> dict[str, Any]:
+def run_promote(model_name: str, margin: float = 0.0, experiment: str = "psomerge", confidence: float = 0.95,
+                config_path: str | None = None) -> dict[str, Any]:
     """Run the promote flow, against the configured Prefect server or a temporary one."""
     ensure_api()
-    return promote(model_name, margin, experiment)
+    return promote(model_name, margin, experiment, confidence, config_path)

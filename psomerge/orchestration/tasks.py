@@ -107,6 +107,12 @@ def validate_candidates(config_json: str, particles: list[list[list[float]]]) ->
     return [{"result": asdict(r), "usage": asdict(u)} for r, u in (ctx.validate(np.asarray(x)) for x in particles)]
 
 
+@task(name="score-checkpoint", cache_policy=NO_CACHE)
+def score_checkpoint(config_json: str, folder: str, split: str) -> dict[str, Any]:
+    """A checkpoint folder's judge scores on a split (the gate re-scoring a champion)."""
+    return asdict(context(config_json).score_checkpoint(Path(folder), split))
+
+
 @task(name="static-baseline", cache_policy=NO_CACHE)
 def static_baseline(config_json: str, name: str) -> dict[str, Any]:
     """Merge the experts with one static method (once), then score it on both splits."""
@@ -162,6 +168,9 @@ class PrefectScoring:
 
     def baseline(self, name: str) -> Row:
         return _unrow(static_baseline(self.config_json, name))
+
+    def score_checkpoint(self, folder: Path, split: str) -> EvalResult:
+        return EvalResult(**score_checkpoint(self.config_json, str(folder), split))
 
     def write_model(self, coeffs: np.ndarray, out_dir: Path) -> Path:
         return Path(write_merged_model(self.config_json, coeffs.tolist(), str(out_dir)))

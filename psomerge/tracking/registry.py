@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
+from psomerge.evaluation.gate import GateScores, decide
 from psomerge.hashing import digest
 from psomerge.paths import data_dir
 from psomerge.swarm.cache import particle_key
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 HELDOUT_TAG = "heldout_score"
+GATE_ARTIFACT = "gate/scores.json"  # per-example scores of a registered model on its gate split
 MODEL_KEY_TAG = "model_key"
 SERVER_SCHEMES = ("http", "https", "databricks")  # tracking servers choose where artifacts go
 
@@ -96,11 +99,14 @@ def find_version(name: str, key: str) -> str | None:
 
 
 def register_version(model_dir: Path, name: str, heldout_score: float, lineage: dict[str, Any], key: str,
-                     generation) -> RegisteredVersion:
+                     generation, gate: GateScores | None = None) -> RegisteredVersion:
     """Register the model folder as a version of ``name`` (an MLflow model logged to the
-    active run, tagged with its lineage, held-out score and model key) and point alias
-    ``candidate`` at it; a model registered before under the same key is reused instead."""
+    active run, tagged with its lineage, held-out score and model key, with the per-example
+    scores the promotion gate compares) and point alias ``candidate`` at it; a model
+    registered before under the same key is reused instead."""
     client = MlflowClient()
+    if gate is not None:
+        mlflow.log_dict(gate.as_dict(), GATE_ARTIFACT)
     existing = find_version(name, key)
     if existing is not None:
         stored = stored_score(client.get_model_version(name, existing))
@@ -116,6 +122,9 @@ def register_version(model_dir: Path, name: str, heldout_score: float, lineage: 
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     tags = {**flatten(lineage), HELDOUT_TAG: repr(float(heldout_score)), MODEL_KEY_TAG: key}
+    if gate is not None:
+        tags.update({"gate_split": gate.split, "gate_fingerprint": gate.fingerprint, "gate_score": repr(gate.score),
+                     "gate_examples": str(gate.num_examples)})
     version = client.create_model_version(name, source=model_uri, run_id=mlflow.active_run().info.run_id, tags=tags,
                                           model_id=model_uri.removeprefix("models:/"))
     client.set_registered_model_alias(name, CANDIDATE, version.version)
@@ -131,39 +140,61 @@ def stored_score(mv) -> float | None:
         return None
 
 
-def alias_score(name: str, alias: str) -> tuple[str, float | None] | None:
-    """(version, held-out score) behind an alias; None when the alias is unset."""
-    client = MlflowClient()
-    try:
-        mv = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
+def gate_scores(mv) -> GateScores | None:
+    """The per-example scores a version was registered with (None for versions registered
+    before psomerge kept them, or whose run lost them)."""
+    if mv.run_id is None:
         return None
-    return str(mv.version), stored_score(mv)
+    try:
+        data = mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/{GATE_ARTIFACT}")
+    except (MlflowException, OSError):
+        return None
+    return GateScores(**data)
 
 
-def promote(name: str, margin: float = 0.0) -> dict[str, Any]:
-    """Move ``champion`` to the candidate only if its held-out score beats the champion's by
-    more than ``margin``. Ties and missing scores never promote."""
-    candidate = alias_score(name, CANDIDATE)
-    champion = alias_score(name, CHAMPION)
-    decision: dict[str, Any] = {"candidate": candidate, "champion": champion, "promoted": False}
-    if candidate is None or candidate[1] is None:
-        decision["reason"] = "no candidate with a held-out score"
+def promote(name: str, margin: float = 0.0, confidence: float = 0.95,
+            rescore: Callable[[Path], GateScores] | None = None) -> dict[str, Any]:
+    """Move ``champion`` to the candidate only if it beats the champion on the same examples
+    by more than ``margin``, beyond noise (paired bootstrap, one-sided ``confidence``). Where
+    the champion was measured on other examples, ``rescore`` (the candidate's run scoring a
+    checkpoint folder on its own gate split) measures it again; without it they are not
+    compared. Missing scores, ties and a candidate scored on no example never promote."""
+    client = MlflowClient()
+    candidate = _by_alias(client, name, CANDIDATE)
+    champion = _by_alias(client, name, CHAMPION)
+    decision: dict[str, Any] = {"candidate": candidate and str(candidate.version),
+                                "champion": champion and str(champion.version), "promoted": False}
+    if candidate is None:
+        decision["reason"] = "no candidate"
         return decision
-    if champion is not None and champion[0] == candidate[0]:
+    if champion is not None and champion.version == candidate.version:
         decision["reason"] = "the candidate is already the champion"
         return decision
-    if champion is not None:
-        if champion[1] is None:
-            decision["reason"] = "the champion has no held-out score to compare with"
-            return decision
-        if not candidate[1] > champion[1] + margin:
-            decision["reason"] = f"held-out {candidate[1]:.4f} does not beat champion {champion[1]:.4f} + margin {margin}"
-            return decision
-    MlflowClient().set_registered_model_alias(name, CHAMPION, candidate[0])
-    decision["promoted"] = True
-    decision["reason"] = "first champion" if champion is None else f"held-out {candidate[1]:.4f} > {champion[1]:.4f} + {margin}"
+    ours = gate_scores(candidate)
+    if ours is None:
+        decision["reason"] = "the candidate has no per-example scores to compare"
+        return decision
+    theirs = gate_scores(champion) if champion is not None else None
+    if champion is not None and (theirs is None or theirs.fingerprint != ours.fingerprint) and rescore is not None:
+        folder = download(f"models:/{name}/{champion.version}")
+        theirs = rescore(folder)
+        decision["rescored_champion"] = True
+    elif champion is not None and theirs is None:
+        decision["reason"] = "the champion has no per-example scores to compare with (re-score it: promote with a config)"
+        return decision
+    outcome = decide(ours, theirs, margin, confidence)
+    decision.update(promoted=outcome.promoted, reason=outcome.reason, difference=outcome.difference,
+                    p_not_better=outcome.p_not_better)
+    if outcome.promoted:
+        client.set_registered_model_alias(name, CHAMPION, candidate.version)
     return decision
+
+
+def _by_alias(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
 
 
 def download(uri: str, dst: Path | None = None) -> Path:

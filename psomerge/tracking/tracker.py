@@ -5,7 +5,7 @@ coefficients, then the registered version and the promotion gate."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import mlflow
 
 from psomerge.config import RunConfig
 from psomerge.evaluation import EvalResult
+from psomerge.evaluation.gate import GateScores
 from psomerge.hashing import digest
 from psomerge.pipeline import BasisInfo, Registration, Row, RunResult
 from psomerge.swarm.basis import COEFFICIENTS_FILE
@@ -50,7 +51,7 @@ class MLflowTracker:
         with mlflow.start_run(run_name=f"baseline:{row.label}", nested=True):
             mlflow.log_metrics(_metrics("heldout", row.heldout))
 
-    def finish(self, result: RunResult, checkpoint: Path) -> Registration:
+    def finish(self, result: RunResult, checkpoint: Path, rescore: Callable[[Path, str], EvalResult]) -> Registration:
         cfg = result.config
         log_score_table([(r.label, r.heldout) for r in result.rows], "heldout", "tables/heldout.json")
         log_score_table([(r.label, r.optimisation) for r in result.rows], "optimisation", "tables/optimisation.json")
@@ -63,11 +64,20 @@ class MLflowTracker:
         lineage = {"base": str(cfg.base), "experts": [str(e) for e in cfg.experts],
                    "fingerprints": self.info.fingerprints, "config_hash": digest(cfg.model_dump_json(), 12),
                    "coefficients": result.best_position.round(6).tolist(), "optimizer": cfg.optimizer.type}
+        # the gate reads the validation split where suites have one: the held-out split stays for the report
+        split = "validation" if merged.validation is not None else "heldout"
+        gate_fingerprint = digest([self.info.eval_fingerprint, split])
+
+        def gate(result_on_split: EvalResult) -> GateScores:
+            return GateScores(split, gate_fingerprint, result_on_split.scored, self.info.weights)
+
+        measured = merged.validation if split == "validation" else merged.heldout
         registered = registry.register_version(
             result.model_dir, cfg.registry.model_name, merged.heldout.fitness, lineage,
             key=registry.model_key(self.info.fingerprint, result.best_position, cfg.generation),
-            generation=cfg.generation)
-        decision = registry.promote(cfg.registry.model_name, cfg.registry.promotion_margin)
+            generation=cfg.generation, gate=gate(measured))
+        decision = registry.promote(cfg.registry.model_name, cfg.registry.promotion_margin,
+                                    cfg.registry.promotion_confidence, lambda folder: gate(rescore(folder, split)))
         mlflow.set_tags({"registered_version": registered.version, "reused_version": str(registered.reused),
                          "promoted": str(decision["promoted"])})
         return Registration(self.run.info.run_id, registered.version, decision, reused=registered.reused)
