@@ -152,7 +152,7 @@ class RunContext:
         self.basis: Basis = build_basis(config.base, config.experts, cache_root / "basis", config.basis)
         # identical (prompt, answer) pairs are judged once, across runs
         self.suites = [EvalSuite.from_settings(s, judge_cache=cache_root / "judge.sqlite") for s in config.suites]
-        device = "cuda" if config.basis.storage == "cuda" else "cpu"
+        device = config.basis.resident_device
         self.evaluator = ParticleEvaluator(self.basis, self.suites, FitnessCache(config.fitness_cache_path()),
                                            lambda: open_generator(config.generation, config.base, device),
                                            config.generation.cache_config())
