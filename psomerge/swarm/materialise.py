@@ -157,8 +157,7 @@ def _masked_kernel(codes: str, n_masks: int):
         masks = [f"m{i}" for i in range(n_masks)]
 
         def body(indent: str, bit: str) -> list[str]:
-            loads = [f"{indent}x{j} = {'bf16(' if c == 'b' else ''}d{j}[e]{')' if c == 'b' else ''}"
-                     for j, c in enumerate(codes)]
+            loads = [f"{indent}x{j} = " + (f"bf16(d{j}[e])" if c == "b" else f"d{j}[e]") for j, c in enumerate(codes)]
             total = " + ".join(f"a[{j}] * x{j}" for j in range(len(codes)))
             terms = [f"{indent}acc += (s[{i}] if {bit.format(i=i)} else zero) * (x{1 + i} - x0)"
                      for i in range(n_masks)]
