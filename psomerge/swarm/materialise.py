@@ -144,8 +144,10 @@ def _masked_kernel(codes: str, n_masks: int):
     """A numba kernel for dense members of the given dtypes (``f`` fp32, ``b`` bf16 read as
     uint16) and ``n_masks`` masks over members 1..n_masks, generated once per signature.
 
-    The main loop walks the mask bytes, eight entries per byte, so each byte is loaded once
-    and the bit tests need no division; the last ``n % 8`` entries are a scalar tail."""
+    The main loop takes 64 entries at a time: each mask's 8 bytes for them become one 64-bit
+    word, and the inner loop of 64 tests bit j of that word, which LLVM vectorises (a loop over
+    single bytes does not). Indices are unsigned so that numba emits no negative-index
+    wraparound, which would also stop vectorisation. The last ``n % 64`` entries are a tail."""
     key = (codes, n_masks)
     if key not in _MASKED_KERNELS:
         try:
@@ -163,20 +165,25 @@ def _masked_kernel(codes: str, n_masks: int):
                      for i in range(n_masks)]
             return [*loads, f"{indent}acc = {total}", *terms, f"{indent}out[e] = acc"]
 
+        def word(i: int) -> str:  # the 8 mask bytes of a 64-entry block, little-endian
+            return " | ".join(f"(u64(m{i}[q + u64({b})]) << u64({8 * b}))" for b in range(8))
+
         src = "\n".join([
             f"def fused(out, {', '.join(dense + masks)}, a, s):",
-            "    n = out.shape[0]",
-            "    full = n >> 3",
+            "    n = u64(out.shape[0])",
+            "    blocks = n >> u64(6)",
             "    zero = np.float32(0.0)",
-            "    for k in numba.prange(full):",
-            *[f"        c{i} = m{i}[k]" for i in range(n_masks)],
-            "        for j in range(8):",
-            "            e = (k << 3) + j",
-            *body(" " * 12, "(c{i} >> j) & 1"),
-            "    for e in range(full << 3, n):",
-            *body(" " * 8, "(m{i}[e >> 3] >> (e & 7)) & 1"),
+            "    for w in numba.prange(blocks):",
+            "        q = w * u64(8)",
+            *[f"        c{i} = {word(i)}" for i in range(n_masks)],
+            "        first = w * u64(64)",
+            "        for j in range(u64(64)):",
+            "            e = first + j",
+            *body(" " * 12, "(c{i} >> j) & u64(1)"),
+            "    for e in range(blocks * u64(64), n):",
+            *body(" " * 8, "(m{i}[e >> u64(3)] >> (e & u64(7))) & u64(1)"),
         ]) + "\n"
-        namespace: dict = {"numba": numba, "np": np, "bf16": _bf16_to_f32()}
+        namespace: dict = {"numba": numba, "np": np, "u64": np.uint64, "bf16": _bf16_to_f32()}
         exec(src, namespace)  # noqa: S102 - generated from integers and fixed codes only
         _MASKED_KERNELS[key] = numba.njit(parallel=True, fastmath=False, nogil=True)(namespace["fused"])
     return _MASKED_KERNELS[key]
