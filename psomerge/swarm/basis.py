@@ -87,6 +87,15 @@ def floating_names(ckpt: Checkpoint) -> list[str]:
     return [n for n in ckpt.tensor_names if ckpt.info(n).dtype.is_floating_point]
 
 
+def dare_tensor(base: torch.Tensor, expert: torch.Tensor, bits: torch.Tensor, keep: float) -> torch.Tensor:
+    """A DARE member's tensor in fp32: base + m (expert - base) / keep, as ``merging.sparsify.dare``
+    computes it (default rescale), with m the unpacked ``bits``."""
+    base = base.float()
+    delta = expert.float() - base
+    mask = unpack_bits(bits, delta.numel()).reshape(delta.shape)
+    return base + (delta * mask) / keep
+
+
 class DareMember:
     """A DARE member read like a checkpoint: ``get(name)`` is base + m (expert - base) / (1 - p)
     in fp32 (``merging.sparsify.dare`` with its default rescale), computed from the two models
@@ -105,10 +114,7 @@ class DareMember:
         return self.base.info(name)
 
     def get(self, name: str) -> torch.Tensor:
-        base = self.base.get(name).float()
-        delta = self.expert.get(name).float() - base
-        keep = unpack_bits(self.mask.bits(name), delta.numel()).reshape(delta.shape)
-        return base + (delta * keep) / self.mask.keep
+        return dare_tensor(self.base.get(name), self.expert.get(name), self.mask.bits(name), self.mask.keep)
 
     def weight_files(self) -> list[Path]:
         return [*self.expert.weight_files(), *self.mask.weight_files()]
@@ -302,12 +308,19 @@ class _DenseLayout(_Layout):
     """All K members stacked dense in fp32 (K x 4 bytes per parameter)."""
 
     def __init__(self, basis: Basis):
-        ref = basis.checkpoints[0]
-        self.stacked = {n: torch.empty((basis.k, *ref.info(n).shape), dtype=torch.float32) for n in basis.names}
-        for j, member in enumerate(basis.members):
+        ref, n = basis.checkpoints[0], basis.n_experts
+        self.stacked = {name: torch.empty((basis.k, *ref.info(name).shape), dtype=torch.float32)
+                        for name in basis.names}
+        dense_rows = [*range(1 + n), *range(1 + 2 * n, basis.k)]  # base, experts, extras
+        for j, ckpt in zip(dense_rows, basis.checkpoints):
             for name in basis.names:
-                self.stacked[name][j].copy_(member.get(name))
-            member.close()
+                self.stacked[name][j].copy_(ckpt.get(name))
+            ckpt.close()
+        for i, mask in enumerate(basis.masks):  # DARE rows from the rows already held: no file mapped again
+            for name in basis.names:
+                rows = self.stacked[name]
+                rows[1 + n + i].copy_(dare_tensor(rows[0], rows[1 + i], mask.bits(name), mask.keep))
+            mask.close()
 
     def nbytes(self) -> int:
         return _nbytes(self.stacked.values())
@@ -330,12 +343,13 @@ class _CompactLayout(_Layout):
             for name in basis.names:
                 self.dense[name][j].copy_(ckpt.get(name))
             ckpt.close()
-        n = basis.n_experts
         self.sparse: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for member in basis.members[1 + n: 1 + 2 * n]:
+        for i, mask in enumerate(basis.masks):
             for name in basis.names:
-                self.sparse.setdefault(name, []).append(_sparse_delta(member.get(name), self.dense[name][0]))
-            member.close()
+                rows = self.dense[name]
+                member = dare_tensor(rows[0], rows[1 + i], mask.bits(name), mask.keep)
+                self.sparse.setdefault(name, []).append(_sparse_delta(member, rows[0]))
+            mask.close()
 
     def nbytes(self) -> int:
         return _nbytes(self.dense.values()) + sum(_nbytes(pair) for pairs in self.sparse.values() for pair in pairs)
