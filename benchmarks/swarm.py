@@ -172,7 +172,8 @@ def materialise() -> None:
     layouts = {s: build_basis(base, experts, cache_dir(), BasisSettings(storage=s)) for s in LAYOUTS}
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     held = layouts["ram"]._layout  # the N + 1 members and N packed masks of every name
-    per_name = [([t.numpy() for t in held.dense[n]], [b.numpy() for b in held.bits[n]]) for n in held.dense]
+    per_name = [([t.reshape(-1).numpy() for t in held.dense[n]], [b.numpy() for b in held.bits[n]])
+                for n in held.dense]
     stacked = list(layouts["ram_dense"]._layout.stacked.values())  # the K stacked fp32 tensors of every name
     read = one_pass_read()
     rng = np.random.default_rng(0)
