@@ -14,6 +14,7 @@ from psomerge.presets.synthetic import llama_config, make_family
 from psomerge.swarm import BasisSettings, build_basis
 from psomerge.swarm.basis import Basis
 from psomerge.swarm.masks import pack_bits, packed_size, unpack_bits
+from psomerge.swarm import materialise
 from psomerge.swarm.materialise import masked_sum_into
 
 P, SEED = 0.8, 5
@@ -60,9 +61,12 @@ def test_masks_are_todays_dare_draws(tmp_path, family):
 
 
 @pytest.mark.parametrize("granularity", ["model", "layer", "tensor"])
-@pytest.mark.parametrize("storage", ["ram", "mmap", "ram_dense", "compact"])
-def test_every_layout_equals_the_dense_dare_basis(tmp_path, family, storage, granularity):
+@pytest.mark.parametrize("storage", ["ram", "ram-torch", "mmap", "ram_dense", "compact"])
+def test_every_layout_equals_the_dense_dare_basis(tmp_path, family, storage, granularity, monkeypatch):
     base, experts = family
+    if storage == "ram-torch":  # no compiled kernel: the chunked torch sum that cuda and pinned run
+        monkeypatch.setattr(materialise, "_masked_kernel", lambda codes, n: None)
+        storage = "ram"
     basis = build_basis(base, experts, tmp_path / "b",
                         BasisSettings(drop_rate=P, seed=SEED, storage=storage, granularity=granularity))
     assert basis.k == 7 and basis.labels[4:] == [f"dare:{e.name}" for e in experts]
@@ -73,6 +77,13 @@ def test_every_layout_equals_the_dense_dare_basis(tmp_path, family, storage, gra
     for name in basis.names:
         assert_fp32_close(params[name].detach(), todays_members(base, experts, name),
                           alpha[basis.group_of[name]], f"{storage}/{name}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_pinned_needs_cuda(tmp_path, family):
+    base, experts = family
+    with pytest.raises(ConfigError, match="pinned"):
+        build_basis(base, experts, tmp_path / "b", BasisSettings(storage="pinned"))
 
 
 def test_default_layout_holds_base_experts_and_bits_only(tmp_path, family):

@@ -133,6 +133,12 @@ def test_transformers_on_the_gpu_members_there_or_pinned(llama7b):
     assert on_cpu.used(GPU) == 0 and "the GPU is not used" in on_cpu.notes[0]
 
 
+def test_vllm_refuses_members_on_the_gpu(llama7b):
+    for storage in ("cuda", "pinned"):
+        with pytest.raises(ConfigError, match=f"basis.storage: '{storage}' does not combine"):
+            make_config(llama7b, basis={"storage": storage})
+
+
 def test_plan_matches_what_a_basis_holds(tmp_path, family):
     base, experts = family
     for storage in ("ram", "ram_dense"):
