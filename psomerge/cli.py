@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,7 +18,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+)
 
 from psomerge.errors import PsomergeError
 
@@ -42,6 +46,70 @@ def _setup(verbose: bool) -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+
+
+class ConsoleProgress:
+    """Progress for a person: bars with counts, elapsed time and ETA on a terminal; where
+    output is not a terminal (CI logs, ``make demo > log``), where a bar would show only its
+    final state, a line per task every ``every`` seconds and when it ends."""
+
+    def __init__(self, out: Console, every: float = 10.0):
+        self.out, self.every = out, every
+        self.bars = None
+        if out.is_terminal:
+            self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=out)
+
+    def __enter__(self) -> "ConsoleProgress":
+        if self.bars is not None:
+            self.bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bars is not None:
+            self.bars.stop()
+
+    def start(self, what: str, total: int | None):
+        if self.bars is not None:
+            return _BarTask(self.bars, self.bars.add_task(what, total=total))
+        return _LogTask(self.out, what, total, self.every)
+
+
+class _BarTask:
+    def __init__(self, bars: Progress, task_id):
+        self.bars, self.task_id = bars, task_id
+
+    def advance(self, n: int = 1) -> None:
+        self.bars.advance(self.task_id, n)
+
+    def close(self) -> None:
+        self.bars.remove_task(self.task_id)
+
+
+class _LogTask:
+    def __init__(self, out: Console, what: str, total: int | None, every: float):
+        import time
+
+        self.out, self.what, self.total, self.every = out, what, total, every
+        self.done, self.clock = 0, time.monotonic
+        self.started = self.last = self.clock()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self.clock() - self.last >= self.every:
+            self._line()
+
+    def close(self) -> None:
+        if self.clock() - self.started >= self.every:  # short tasks stay quiet
+            self._line()
+
+    def _line(self) -> None:
+        self.last = self.clock()
+        elapsed = self.last - self.started
+        text = f"{self.what}: {self.done}" + (f"/{self.total}" if self.total else "") + f", {elapsed:.0f}s"
+        if self.total and self.done:
+            text += f", ETA {elapsed / self.done * (self.total - self.done):.0f}s"
+        self.out.log(text)
 
 
 def _fail(exc: PsomergeError) -> None:
@@ -71,15 +139,10 @@ def merge(
 
     try:
         parsed = MergeRecipe.load(recipe)
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-        ) as progress:
-            task = progress.add_task(f"{parsed.merge_method}", total=None)
-
-            def tick(name: str) -> None:
-                progress.advance(task)
-
-            result = run_merge(parsed, out, max_shard_bytes=_parse_size(shard_size), on_tensor=tick)
+        with ConsoleProgress(console) as progress:
+            task = progress.start(f"{parsed.merge_method}: tensors", None)
+            result = run_merge(parsed, out, max_shard_bytes=_parse_size(shard_size), on_tensor=lambda _: task.advance())
+            task.close()
     except PsomergeError as exc:
         _fail(exc)
     console.print(
@@ -111,16 +174,18 @@ def demo(
 
     root = default_data_dir()
     try:
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-        ) as progress:
-            bars: dict[str, int] = {}
+        with ConsoleProgress(console) as progress:
+            tasks: dict[str, list] = {}
 
             def on_build(name: str, step: int, total: int) -> None:
-                if name not in bars:
+                if name not in tasks:
                     label = "pretraining base" if name == "base" else f"fine-tuning expert {name}"
-                    bars[name] = progress.add_task(label, total=total)
-                progress.update(bars[name], completed=step)
+                    tasks[name] = [progress.start(f"{label}: steps", total), 0]
+                task = tasks[name]
+                task[0].advance(step - task[1])
+                task[1] = step
+                if step == total:
+                    task[0].close()
 
             if preset == "tiny":
                 from psomerge.presets.tiny import TinySpec, build_tiny, tiny_run_config
@@ -147,7 +212,8 @@ def demo(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
             console.log(f"running the {optimizer} flow ({path})")
-            results[optimizer] = run_flow(path)
+            with ConsoleProgress(console) as progress:
+                results[optimizer] = run_flow(path, progress=progress)
     except PsomergeError as exc:
         _fail(exc)
     pso, cmaes = results["pso"], results["cmaes"]
@@ -168,6 +234,8 @@ def swarm(
     optimizer: Annotated[Optional[str], typer.Option(help="pso | model_swarms | cmaes (overrides the config)")] = None,
     steps: Annotated[Optional[int], typer.Option(help="optimisation steps (overrides the config)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's last checkpoint")] = False,
+    seeds: Annotated[int, typer.Option(min=1, help="repeat the search with this many optimiser seeds and "
+                                                   "report the merge's mean and spread")] = 1,
     verbose: bool = False,
 ) -> None:
     """Run PSO-Merging (or Model Swarms, CMA-ES) in this process and print per-step progress
@@ -176,7 +244,7 @@ def swarm(
     from rich.table import Table
 
     from psomerge.config import RunConfig
-    from psomerge.pipeline import run_swarm
+    from psomerge.pipeline import run_seeds
 
     overrides = {k: v for k, v in (("optimizer.type", optimizer), ("optimizer.steps", steps)) if v is not None}
     try:
@@ -187,24 +255,36 @@ def swarm(
             cfg = tiny_run_config(build_tiny(data_dir()), optimizer or "pso", 5 if steps is None else steps)
         else:
             cfg = RunConfig.load(config, overrides)
-        progress = Table(title=f"{cfg.name}: {cfg.optimizer.type} ({cfg.basis.granularity} granularity)",
+        steps_table = Table(title=f"{cfg.name}: {cfg.optimizer.type} ({cfg.basis.granularity} granularity)",
                          title_justify="left")
         for col in ("step", "global best", *[s.name for s in cfg.suites], "mean", "std", "scorings", "cache hits"):
-            progress.add_column(col, justify="right")
+            steps_table.add_column(col, justify="right")
         out = Console(width=max(console.width, 110))
 
         def on_step(r) -> None:
             row = [str(r.step), f"{r.best_fitness:.3f}", *[f"{r.best_scores.get(s.name, 0):.3f}" for s in cfg.suites],
                    f"{r.mean_fitness:.3f}", f"{r.std_fitness:.3f}", str(r.counts.get("scorings", 0)),
                    str(r.counts.get("cache_hits", 0))]
-            progress.add_row(*row)
-            out.print(" | ".join(f"{c.header}={v}" for c, v in zip(progress.columns, row)))
+            steps_table.add_row(*row)
+            out.print(" | ".join(f"{c.header}={v}" for c, v in zip(steps_table.columns, row)))
 
-        result = run_swarm(cfg, resume=resume, on_step=on_step)
+        with ConsoleProgress(console) as progress:
+            results = run_seeds(cfg, seeds, resume=resume, on_step=on_step, progress=progress)
     except PsomergeError as exc:
         _fail(exc)
-    out.print(progress)
-    _print_summary(result)
+    out.print(steps_table)
+    if seeds == 1:
+        _print_summary(results[0])
+        return
+    first = results[0]
+    merged = [r for r in first.rows if r.label == first.merged_label]
+    others = [r for r in first.rows if r.label != first.merged_label]
+    per_seed = [replace(r, label=f"{r.label} (seed {res.config.optimizer.seed})")
+                for res in results for r in res.rows if r.label == res.merged_label]
+    _print_summary(replace(first, rows=others + per_seed), counts=_total_counts(results))
+    values = [r.heldout.fitness for r in per_seed]
+    out.print(f"{merged[0].label} over {seeds} seeds: held-out weighted mean {statistics.mean(values):.3f} "
+              f"± {statistics.stdev(values):.3f} (sd), min {min(values):.3f}, max {max(values):.3f}")
 
 
 @app.command()
@@ -218,7 +298,8 @@ def run(
     try:
         from psomerge.orchestration.flows import run_flow
 
-        result = run_flow(config, resume=resume)
+        with ConsoleProgress(console) as progress:
+            result = run_flow(config, resume=resume, progress=progress)
     except PsomergeError as exc:
         _fail(exc)
     _print_summary(result)
@@ -247,6 +328,7 @@ def plan(
                    for s in cfg.suites if getattr(s.judge, "serve", None)]
         memory = plan_memory(cfg.base, cfg.experts, cfg.basis, cfg.generation, parse_size(gpu_memory),
                              parse_size(host_memory) if host_memory else None, judge_servers=servers,
+                             planned_extras=len(cfg.warm_start.members) if cfg.warm_start else 0,
                              prompt_tokens=prompt_tokens)
     except PsomergeError as exc:
         _fail(exc)
@@ -260,19 +342,33 @@ def plan(
     typer.echo("fits")
 
 
-def _print_summary(result, extra_rows=()) -> None:
+def _total_counts(results):
+    from psomerge.pipeline import Counts
+
+    total = Counts()
+    for r in results:
+        for key, value in r.counts.as_dict().items():
+            setattr(total, key, getattr(total, key) + value)
+    return total
+
+
+def _print_summary(result, extra_rows=(), counts=None) -> None:
     """The held-out table (base, experts, baselines, merges), the run's counts and, for a
     tracked run, its registration."""
-    from psomerge.evaluation.report import score_table
+    from psomerge.evaluation.report import comparison_lines, comparisons, score_table
 
     out = Console(width=max(console.width, 110))
     rows = [(r.label, r.heldout) for r in [*result.rows, *extra_rows]]
-    out.print(score_table("held-out scores (never read by the search)", rows, result.config.suites))
-    c = result.counts
+    out.print(score_table("held-out scores (never read by the search, nor by model selection)", rows,
+                          result.config.suites))
+    for merged in [r.label for r in [*result.rows, *extra_rows] if r.label.startswith("psomerge:")]:
+        for line in comparison_lines(comparisons(rows, merged, result.config.suites), merged):
+            out.print(line)
+    c = counts or result.counts
     out.print(f"fitness calls {c.fitness_calls}, scorings {c.scorings}, cache hits {c.cache_hits} "
-              f"(Prefect-cached {c.task_cache_hits}), examples scored {c.examples_scored}, generated tokens "
-              f"{c.generated_tokens}; judge calls {c.judge_calls}, judge cache hits {c.judge_cache_hits}, judge "
-              f"tokens {c.judge_tokens}, judge cost {c.judge_cost:.4f}")
+              f"(Prefect-cached {c.task_cache_hits}), examples scored {c.examples_scored} (+ {c.selection_examples} "
+              f"for model selection), generated tokens {c.generated_tokens}; judge calls {c.judge_calls}, judge "
+              f"cache hits {c.judge_cache_hits}, judge tokens {c.judge_tokens}, judge cost {c.judge_cost:.4f}")
     if result.model_dir is not None:
         out.print(f"merged model: {result.model_dir}")
     if result.registration is not None:

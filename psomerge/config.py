@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from psomerge.paths import data_dir
 from psomerge.errors import ConfigError
@@ -25,6 +25,9 @@ from psomerge.merging.baselines import STATIC_BASELINES
 from psomerge.swarm.basis import BasisSettings
 from psomerge.swarm.optimizers import OptimizerChoice
 from psomerge.swarm.pso import PSOSettings
+from psomerge.swarm.racing import RacingSettings
+from psomerge.swarm.selection import SelectionSettings
+from psomerge.swarm.warm_start import WarmStartSettings
 from psomerge.yamlconfig import StrictModel, read_yaml, tagged_union, validate
 
 
@@ -68,9 +71,52 @@ class RunConfig(StrictModel):
     runner: RunnerSettings = ThreadsRunner()
     registry: RegistrySettings = RegistrySettings()
     baselines: list[str] = list(STATIC_BASELINES)  # static merges reported (and scored) beside the search
+    # psomerge: warm starts, racing and model selection on by default; paper: PSO-Merging as
+    # published (2N+1 one-hot particles, w=0.2, c1=c2=2, the judge as fitness, the final global best)
+    preset: Literal["psomerge", "paper"] = "psomerge"
+    warm_start: WarmStartSettings | None = None  # start the search at the static merges
+    racing: RacingSettings | None = None  # score particles on slices, stop those that cannot beat their target
+    selection: SelectionSettings | None = None  # choose the merge on the validation split (where suites have one)
     output_dir: Path | None = None  # default: <data dir>/runs/<name>
     cache_path: Path | None = None  # default: <data dir>/cache/fitness.sqlite
     source: str = Field("<config>", exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_defaults(cls, data: Any) -> Any:
+        """Fill the preset's defaults for the search options the config leaves out; refuse
+        options that would make the paper preset something other than the paper's method."""
+        if not isinstance(data, dict):
+            return data
+        preset = data.get("preset", "psomerge")
+        options = ("warm_start", "racing", "selection")
+        if preset == "paper":
+            for key in options:
+                if data.get(key) is not None:
+                    raise ValueError(f"preset 'paper' runs PSO-Merging as published: remove {key!r} (or use "
+                                     "preset 'psomerge')")
+            return data
+        if preset != "psomerge":
+            return data  # the field's own validation names the bad value
+        return {**{key: {} for key in options}, **data}
+
+    @model_validator(mode="after")
+    def _paper_is_the_paper(self) -> "RunConfig":
+        if self.preset != "paper":
+            return self
+        o = self.optimizer
+        paper = PSOSettings()
+        if o.type != "pso" or any(getattr(o, f) != getattr(paper, f)
+                                  for f in ("inertia", "cognitive", "social", "extra_particles", "velocity_clamp",
+                                            "bounds")):
+            raise ValueError("preset 'paper' runs PSO-Merging as published: optimizer type pso with inertia 0.2, "
+                             "cognitive 2, social 2 and no extra particles, clamp or bounds (only steps and seed "
+                             "may change)")
+        for s in self.suites:
+            if [(t.scorer, t.weight) for t in s.fitness] != [("judge", 1.0)]:
+                raise ValueError(f"preset 'paper' scores particles with the judge alone: remove suite "
+                                 f"{s.name!r}'s fitness terms")
+        return self
 
     @field_validator("baselines")
     @classmethod

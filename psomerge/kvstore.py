@@ -44,5 +44,11 @@ class SqliteKV:
         self._conn().execute(f"INSERT OR IGNORE INTO {self.table} (key, value) VALUES (?, ?)",
                              (key, json.dumps(value)))
 
+    def replace(self, key: str, value: Any) -> None:
+        """Store ``value`` under ``key``, replacing what is there (for entries that grow, such
+        as a raced particle's partial scores)."""
+        self._conn().execute(f"INSERT OR REPLACE INTO {self.table} (key, value) VALUES (?, ?)",
+                             (key, json.dumps(value)))
+
     def __len__(self) -> int:
         return self._conn().execute(f"SELECT COUNT(*) FROM {self.table}").fetchone()[0]

@@ -24,13 +24,17 @@ from psomerge.config import RunConfig
 from psomerge.paths import data_dir
 from psomerge.evaluation import EvalResult, EvalSuite
 from psomerge.generation import open_generator
-from psomerge.io import Checkpoint, check_compatible
+from psomerge.io import check_compatible, open_model
+from psomerge.io.vocab import align_vocabularies
 from psomerge.merging.baselines import baseline_checkpoint
+from psomerge.progress import SILENT, Progress, ProgressTask
 from psomerge.swarm import build_basis, make_optimizer, member_coefficients
 from psomerge.swarm.basis import Basis
 from psomerge.swarm.cache import FitnessCache
-from psomerge.swarm.fitness import ParticleEvaluator
+from psomerge.swarm.fitness import ParticleEvaluator, Race
 from psomerge.swarm.run import StepReport, load_checkpoint, run_optimizer
+from psomerge.swarm.selection import choose, distinct_best
+from psomerge.swarm.warm_start import linear_starts
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,8 @@ class Counts(Usage):
     scorings: int = 0  # particles materialised and scored
     cache_hits: int = 0  # answered by a cache (psomerge's fitness cache or Prefect's task cache)
     task_cache_hits: int = 0  # of which Prefect's result cache answered
-    examples_scored: int = 0
+    examples_scored: int = 0  # by fitness evaluations (raced ones count what they scored)
+    selection_examples: int = 0  # scored on the validation split to choose the merged model
 
     def add(self, usage: Usage) -> None:
         for f in fields(Usage):
@@ -84,16 +89,18 @@ class ParticleScore:
     examples: int = 0  # examples scored for it (0 on a cache hit)
     usage: Usage = field(default_factory=Usage)
     task_cached: bool = False  # answered by Prefect's task cache
+    raced: bool = False  # stopped early by racing: its fitness is an estimate below its target
 
 
 @dataclass
 class Row:
-    """One row of a report: a model's scores on both splits."""
+    """One row of a report: a model's judge scores on each split."""
 
     label: str
     heldout: EvalResult
     optimisation: EvalResult
     usage: Usage = field(default_factory=Usage)
+    validation: EvalResult | None = None  # where suites have a validation split
 
 
 @dataclass
@@ -106,6 +113,7 @@ class BasisInfo:
     labels: list[str]
     group_labels: list[str]
     fingerprints: dict[str, str]  # content hash of base and each expert, by path
+    n_experts: int
 
 
 @dataclass
@@ -116,13 +124,24 @@ class Registration:
 
 
 @dataclass
+class Candidate:
+    """A particle that competed on the validation split."""
+
+    position: np.ndarray
+    search_fitness: float
+    validation_fitness: float
+    origin: str  # "search" or "warm start"
+
+
+@dataclass
 class RunResult:
-    """What one run produced."""
+    """What one run produced. ``best_position`` is the merged model: the search's global best,
+    or, with a validation split, the candidate that scored best there."""
 
     config: RunConfig
     basis: BasisInfo
     best_position: np.ndarray
-    best_fitness: float
+    best_fitness: float  # its fitness on the optimisation split
     best_scores: dict[str, float]
     history: list[dict]
     counts: Counts
@@ -130,6 +149,7 @@ class RunResult:
     output_dir: Path | None = None
     model_dir: Path | None = None
     registration: Registration | None = None
+    candidates: list[Candidate] = field(default_factory=list)  # model selection, where it ran
 
     @property
     def merged_label(self) -> str:
@@ -146,21 +166,32 @@ class RunContext:
     """The basis, suites, fitness cache and resident models of one run config, in one
     process: what scoring a particle, a report row or a baseline needs."""
 
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, progress: Progress = SILENT):
         self.config = config
+        self.progress = progress
         cache_root = data_dir() / "cache"
-        self.basis: Basis = build_basis(config.base, config.experts, cache_root / "basis", config.basis)
+        members = config.warm_start.members if config.warm_start is not None else []
+        extra = [(f"merge:{name}", self.static_merge(name)) for name in members]
+        self.basis: Basis = build_basis(config.base, config.experts, cache_root / "basis", config.basis, extra,
+                                        progress)
         # identical (prompt, answer) pairs are judged once, across runs
         self.suites = [EvalSuite.from_settings(s, judge_cache=cache_root / "judge.sqlite") for s in config.suites]
         device = config.basis.resident_device
         self.evaluator = ParticleEvaluator(self.basis, self.suites, FitnessCache(config.fitness_cache_path()),
-                                           lambda: open_generator(config.generation, config.base, device),
-                                           config.generation.cache_config())
+                                           lambda: open_generator(config.generation, self.basis.model_dir, device),
+                                           config.generation.cache_config(), config.racing, progress)
+
+    def static_merge(self, name: str) -> Path:
+        """A static merge of the experts (a baseline, or a warm-start member), merged once
+        and shared by every run that asks for the same recipe."""
+        cfg = self.config
+        return baseline_checkpoint(name, cfg.base, list(cfg.experts), cfg.basis.seed, data_dir() / "cache" / "merges",
+                                   cfg.basis.tokenizer_source, self.progress)
 
     def info(self) -> BasisInfo:
         b = self.basis
         fingerprints = {m.name: m.fingerprint() for m in b.members[: 1 + b.n_experts]}
-        return BasisInfo(b.fingerprint, b.k, b.num_groups, b.labels, b.group_labels, fingerprints)
+        return BasisInfo(b.fingerprint, b.k, b.num_groups, b.labels, b.group_labels, fingerprints, b.n_experts)
 
     def usage(self) -> Usage:
         """Usage so far (exact with one scoring thread per process)."""
@@ -173,28 +204,40 @@ class RunContext:
             u.judge_cost += s.cost
         return u
 
-    def score(self, coeffs: np.ndarray) -> ParticleScore:
+    def score(self, coeffs: np.ndarray, target: tuple[float, np.ndarray] | None = None) -> ParticleScore:
+        """One particle's fitness, raced against ``target`` (fitness, holder) when racing is on."""
         before, counts = self.usage(), self.evaluator.counts
         scorings, examples = counts.scorings, counts.examples_scored
-        result = self.evaluator(np.asarray(coeffs))
+        race = Race(target[0], np.asarray(target[1])) if target is not None else None
+        result = self.evaluator(np.asarray(coeffs), race)
         return ParticleScore(result.fitness, result.scores, counts.scorings > scorings,
-                             counts.examples_scored - examples, self.usage().minus(before))
+                             counts.examples_scored - examples, self.usage().minus(before),
+                             raced=bool(result.meta.get("raced")))
+
+    @property
+    def has_validation(self) -> bool:
+        return any(s.validation_size for s in self.suites)
 
     def evaluate(self, label: str, coeffs: np.ndarray) -> Row:
-        """A report row for a particle (base, an expert, the merge): both splits."""
+        """A report row for a particle (base, an expert, the merge): every split."""
+        return self._row(label, lambda split: self.evaluator.evaluate(np.asarray(coeffs), split))
+
+    def validate(self, coeffs: np.ndarray) -> tuple[EvalResult, Usage]:
+        """A candidate's judge scores on the validation split (model selection reads only this)."""
         before = self.usage()
-        held = self.evaluator.evaluate(np.asarray(coeffs), "heldout")
-        opt = self.evaluator.evaluate(np.asarray(coeffs), "optimisation")
-        return Row(label, held, opt, self.usage().minus(before))
+        result = self.evaluator.evaluate(np.asarray(coeffs), "validation")
+        return result, self.usage().minus(before)
 
     def baseline(self, name: str) -> Row:
         """A report row for a static merge of the experts (merged once, cached by recipe)."""
-        cfg = self.config
-        folder = baseline_checkpoint(name, cfg.base, list(cfg.experts), cfg.basis.seed, cfg.run_dir() / "baselines")
+        folder = self.static_merge(name)
+        return self._row(name, lambda split: self.evaluator.evaluate_checkpoint(folder, split))
+
+    def _row(self, label: str, score: Callable[[str], EvalResult]) -> Row:
         before = self.usage()
-        held = self.evaluator.evaluate_checkpoint(folder, "heldout")
-        opt = self.evaluator.evaluate_checkpoint(folder, "optimisation")
-        return Row(name, held, opt, self.usage().minus(before))
+        held, opt = score("heldout"), score("optimisation")
+        val = score("validation") if self.has_validation else None
+        return Row(label, held, opt, self.usage().minus(before), val)
 
     def write_model(self, coeffs: np.ndarray, out_dir: Path) -> Path:
         return self.basis.write_particle(np.asarray(coeffs), out_dir)
@@ -208,8 +251,9 @@ class RunContext:
 def validate_models(config: RunConfig) -> None:
     """Architecture, tensor names, shapes and vocabularies of base and experts, before any
     work (errors name the model and tensor)."""
-    base = Checkpoint(config.base, name=str(config.base))
-    check_compatible(base, [Checkpoint(e, name=str(e)) for e in config.experts])
+    base = open_model(config.base, name=str(config.base))
+    experts = [open_model(e, name=str(e), base=base) for e in config.experts]
+    check_compatible(*align_vocabularies(base, experts, config.basis.tokenizer_source))
 
 
 # -- the seams ---------------------------------------------------------------------------
@@ -218,8 +262,10 @@ class Scoring(Protocol):
     """How particles and report rows are scored."""
 
     def prepare(self) -> BasisInfo: ...
-    def score(self, positions: list[np.ndarray]) -> list[ParticleScore]: ...
+    def score(self, positions: list[np.ndarray], targets: list,
+              progress: ProgressTask | None = None) -> list[ParticleScore]: ...
     def evaluate(self, particles: dict[str, np.ndarray]) -> list[Row]: ...
+    def validate(self, particles: list[np.ndarray]) -> list[tuple[EvalResult, Usage]]: ...
     def baseline(self, name: str) -> Row: ...
     def write_model(self, coeffs: np.ndarray, out_dir: Path) -> Path: ...
     def close(self) -> None: ...
@@ -228,22 +274,32 @@ class Scoring(Protocol):
 class InProcessScoring:
     """Scoring in this process, one particle after another."""
 
-    def __init__(self, config: RunConfig, context: RunContext | None = None):
+    def __init__(self, config: RunConfig, context: RunContext | None = None, progress: Progress = SILENT):
         self.config = config
         self.context = context
+        self.progress = progress
         self._own = context is None
 
     def prepare(self) -> BasisInfo:
         validate_models(self.config)
         if self.context is None:
-            self.context = RunContext(self.config)
+            self.context = RunContext(self.config, self.progress)
         return self.context.info()
 
-    def score(self, positions: list[np.ndarray]) -> list[ParticleScore]:
-        return [self.context.score(x) for x in positions]
+    def score(self, positions: list[np.ndarray], targets: list,
+              progress: ProgressTask | None = None) -> list[ParticleScore]:
+        out = []
+        for x, t in zip(positions, targets):
+            out.append(self.context.score(x, t))
+            if progress is not None:
+                progress.advance()
+        return out
 
     def evaluate(self, particles: dict[str, np.ndarray]) -> list[Row]:
         return [self.context.evaluate(label, x) for label, x in particles.items()]
+
+    def validate(self, particles: list[np.ndarray]) -> list[tuple[EvalResult, Usage]]:
+        return [self.context.validate(x) for x in particles]
 
     def baseline(self, name: str) -> Row:
         return self.context.baseline(name)
@@ -294,6 +350,7 @@ def run_pipeline(
     resume: bool = False,
     on_step: Callable[[StepReport], None] | None = None,
     evaluate_heldout: bool = True,
+    progress: Progress = SILENT,
 ) -> RunResult:
     """Search, then (``evaluate_heldout``) score the report's rows and write the merged model.
 
@@ -313,8 +370,17 @@ def run_pipeline(
         counts = Counts.from_dict(previous.get("counts", {}))
         tracker_state = tracker.start(config, info, previous.get("tracker"))
 
-        def score_batch(positions: list[np.ndarray]) -> list[ParticleScore]:
-            results = scoring.score(positions)
+        # complete (not raced) fitnesses of this run, for model selection; kept across a resume
+        evaluated = [(np.asarray(x), f) for x, f in previous.get("evaluated", [])]
+
+        def score_batch(positions: list[np.ndarray], targets: list) -> list[ParticleScore]:
+            task = progress.start(f"step {optimizer.step}: particles", len(positions))
+            try:
+                results = scoring.score(positions, targets if config.racing is not None else [None] * len(positions),
+                                        task)
+            finally:
+                task.close()
+            evaluated.extend((x, r.fitness) for x, r in zip(positions, results) if not r.raced)
             for r in results:
                 counts.fitness_calls += 1
                 counts.scorings += r.scored
@@ -329,11 +395,17 @@ def run_pipeline(
             if on_step:
                 on_step(report)
 
-        optimizer = make_optimizer(config.optimizer, info.k, info.groups)
+        starts = (linear_starts(config.warm_start, info.k, info.groups, info.n_experts)
+                  if config.warm_start is not None else [])
+        optimizer = make_optimizer(config.optimizer, info.k, info.groups, n_experts=info.n_experts, starts=starts)
         search = run_optimizer(optimizer, None, evaluate_batch=score_batch, checkpoint=checkpoint, resume=resume,
-                               on_step=step, counts=counts.as_dict, checkpoint_extra=lambda: {"tracker": tracker_state})
+                               on_step=step, counts=counts.as_dict,
+                               checkpoint_extra=lambda: {"tracker": tracker_state,
+                                                         "evaluated": [[x.tolist(), f] for x, f in evaluated]})
         result = RunResult(config, info, search.best_position, search.best_fitness, search.best_scores,
                            search.history, counts, output_dir=out)
+        if evaluate_heldout and config.selection is not None and any(s.validation_size for s in config.suites):
+            _select(result, scoring, evaluated, starts + _member_starts(info), counts)
         if evaluate_heldout:
             members = {label: member_coefficients(info.k, info.groups, j)
                        for j, label in enumerate(info.labels[: 1 + len(config.experts)])}
@@ -341,11 +413,11 @@ def run_pipeline(
             for name in config.baselines:
                 rows.append(scoring.baseline(name))
                 tracker.log_baseline(rows[-1])
-            rows += scoring.evaluate({result.merged_label: search.best_position})
+            rows += scoring.evaluate({result.merged_label: result.best_position})
             for row in rows:
                 counts.add(row.usage)
             result.rows = rows
-            result.model_dir = scoring.write_model(search.best_position, out / "model")
+            result.model_dir = scoring.write_model(result.best_position, out / "model")
             result.registration = tracker.finish(result, checkpoint)
         failed = False
         return result
@@ -354,8 +426,54 @@ def run_pipeline(
         scoring.close()
 
 
+def _member_starts(info: BasisInfo) -> list[np.ndarray]:
+    """One-hot positions of the extra members (static merges) the warm start added."""
+    first = 1 + 2 * info.n_experts
+    return [member_coefficients(info.k, info.groups, j) for j in range(first, info.k)]
+
+
+def _select(result: RunResult, scoring: Scoring, evaluated: list[tuple[np.ndarray, float]],
+            starts: list[np.ndarray], counts: Counts) -> None:
+    """Model selection on the validation split: the search's best distinct particles, and the
+    best warm start, compete; the winner becomes the merged model."""
+    settings = result.config.selection
+    picked = [evaluated[i] + ("search",) for i in distinct_best(evaluated, settings.candidates)]
+    if settings.include_start:
+        at_starts = [(x, f) for x, f in evaluated if any(np.allclose(x, s) for s in starts)]
+        if at_starts:
+            x, f = max(at_starts, key=lambda e: e[1])
+            if not any(np.allclose(x, p[0]) for p in picked):
+                picked.append((x, f, "warm start"))
+    validations = scoring.validate([p[0] for p in picked])
+    for validation, usage in validations:
+        counts.add(usage)
+        counts.selection_examples += validation.num_examples
+    result.candidates = [Candidate(x, f, v.fitness, origin) for (x, f, origin), (v, _) in zip(picked, validations)]
+    best = result.candidates[choose([c.search_fitness for c in result.candidates],
+                                    [c.validation_fitness for c in result.candidates])]
+    result.best_position, result.best_fitness = best.position, best.search_fitness
+
+
 def run_swarm(config: RunConfig, *, resume: bool = False, on_step: Callable[[StepReport], None] | None = None,
-              evaluate_heldout: bool = True, context: RunContext | None = None) -> RunResult:
+              evaluate_heldout: bool = True, context: RunContext | None = None,
+              progress: Progress = SILENT) -> RunResult:
     """The library API: one run in this process, nothing tracked."""
-    return run_pipeline(config, scoring=InProcessScoring(config, context), resume=resume, on_step=on_step,
-                        evaluate_heldout=evaluate_heldout)
+    return run_pipeline(config, scoring=InProcessScoring(config, context, progress), resume=resume, on_step=on_step,
+                        evaluate_heldout=evaluate_heldout, progress=progress)
+
+
+def with_seed(config: RunConfig, offset: int) -> RunConfig:
+    """The same run with the optimiser's seed moved by ``offset`` (its own run folder)."""
+    if offset == 0:
+        return config
+    optimizer = config.optimizer.model_copy(update={"seed": config.optimizer.seed + offset})
+    update: dict[str, Any] = {"name": f"{config.name}-seed{optimizer.seed}", "optimizer": optimizer}
+    if config.output_dir is not None:
+        update["output_dir"] = config.output_dir / f"seed{optimizer.seed}"
+    return config.model_copy(update=update)
+
+
+def run_seeds(config: RunConfig, seeds: int, **kwargs: Any) -> list[RunResult]:
+    """The search repeated with ``seeds`` optimiser seeds (the basis, baselines and caches are
+    shared, so only the searches cost): how much of a result is the seed's luck."""
+    return [run_swarm(with_seed(config, i), **kwargs) for i in range(seeds)]

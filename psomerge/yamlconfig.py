@@ -38,6 +38,9 @@ def validation_message(exc: ValidationError, data: Any, source: str) -> str:
         ctx = err["ctx"]
         parts.append(str(ctx["discriminator"]).removesuffix("()"))
         message = f"{ctx['tag']!r} is not one of {ctx['expected_tags']}"
+    message = message.removeprefix("Value error, ")
+    if not parts:  # a check across keys
+        return f"{source}: {message}"
     return f"{source}: key {'.'.join(parts)!r}: {message}"
 
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def write_config(path, char_family, name, steps=2, optimizer="pso", runner=None, baselines=("average",)):
     root, experts, data = char_family
     cfg = {
-        "name": name, "base": str(root / "base"), "experts": [str(e) for e in experts],
+        "name": name, "preset": "paper", "base": str(root / "base"), "experts": [str(e) for e in experts],
         "suites": [{"name": n, "dataset": str(p), "optimisation_size": 10, "heldout_size": 20,
                     "judge": {"type": "exact_match", "normalizer": "none"}} for n, p in data.items()],
         "generation": {"max_new_tokens": 6, "batch_size": 64},
@@ -108,8 +108,8 @@ KILL_AT = """
 import os, signal
 from psomerge.swarm import fitness
 _call = fitness.ParticleEvaluator.__call__
-def _dying(self, coeffs):
-    result = _call(self, coeffs)
+def _dying(self, coeffs, *args):
+    result = _call(self, coeffs, *args)
     if self.counts.scorings >= {n}:
         os.kill(os.getpid(), signal.SIGKILL)
     return result
@@ -143,6 +143,7 @@ def _reap(proc):
 
 def _summary(proc):
     out, _ = proc.communicate(timeout=600)
+    Path("/tmp/flow_child.log").write_text(out)
     assert proc.returncode == 0, out[-3000:]
     line = next(l for l in out.splitlines() if l.startswith("SUMMARY"))
     counts, best = line.removeprefix("SUMMARY").split("|")

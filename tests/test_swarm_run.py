@@ -14,7 +14,7 @@ from psomerge.evaluation.suite import EvalSuite
 
 def make_config(root, experts, data, **opt):
     return RunConfig.from_dict({
-        "name": "t", "base": str(root / "base"), "experts": [str(e) for e in experts],
+        "name": "t", "preset": "paper", "base": str(root / "base"), "experts": [str(e) for e in experts],
         "suites": [{"name": n, "dataset": str(p), "optimisation_size": 10, "heldout_size": 20,
                     "judge": {"type": "exact_match", "normalizer": "none"}} for n, p in data.items()],
         "generation": {"max_new_tokens": 6, "batch_size": 64},

@@ -46,7 +46,7 @@ def _config(root, experts, data, tmp_path, backend: str, **generation):
     from psomerge.config import RunConfig
 
     return RunConfig.from_dict({
-        "name": f"vllm-{backend}", "base": str(root / "base"), "experts": [str(e) for e in experts],
+        "name": f"vllm-{backend}", "preset": "paper", "base": str(root / "base"), "experts": [str(e) for e in experts],
         "suites": [{"name": n, "dataset": str(p), "optimisation_size": 12, "heldout_size": 12,
                     "judge": {"type": "exact_match", "normalizer": "none"}} for n, p in data.items()],
         "generation": {"backend": backend, "max_new_tokens": 6, **generation},
@@ -91,6 +91,11 @@ def test_vllm_generation_backend_reloads_particles_into_one_engine(vllm_family, 
                 load_particle(rv, ws_v.basis, x)
                 load_particle(rt, ws_t.basis, x)
                 assert rv.generate(prompts) == rt.generate(prompts)
+                # likelihoods through the engine's prompt log-probs equal the transformers forward pass
+                pairs = [(ex.prompt, ex.answer) for s in ws_t.suites for ex in s.split("optimisation")[:6]]
+                for a, b in zip(rv.loglikelihood(pairs, append_eos=True), rt.loglikelihood(pairs, append_eos=True)):
+                    assert (a.tokens, a.greedy_tokens) == (b.tokens, b.greedy_tokens)
+                    assert a.logprob == pytest.approx(b.logprob, rel=1e-4, abs=1e-4)
         assert engine._proc.pid == pid and engine.timings.pushes == len(particles)  # never restarted
         assert engine.timings.start_seconds > engine.timings.push_seconds / len(particles)
         assert engine.stats.new_tokens > 0

@@ -26,7 +26,15 @@ from psomerge.judges.protocol import Example, Scorer
 from psomerge.templates import field_validator_for, fill
 from psomerge.yamlconfig import StrictModel
 
-Split = Literal["optimisation", "heldout"]
+Split = Literal["optimisation", "validation", "heldout"]
+
+
+class FitnessTerm(StrictModel):
+    """One term of a suite's search objective: the suite's judge, or another scorer (e.g. a
+    smooth ``answer_likelihood``), with a weight."""
+
+    scorer: Literal["judge"] | JudgeSettings = "judge"
+    weight: float = Field(1.0, gt=0)
 
 
 class SuiteSettings(StrictModel):
@@ -41,8 +49,12 @@ class SuiteSettings(StrictModel):
     judge: JudgeSettings = ExactMatchSettings()
     weight: float = Field(1.0, gt=0)
     optimisation_size: int = Field(60, gt=0)
-    heldout_size: int | None = Field(None, gt=0)  # None: every example not in the optimisation split
+    validation_size: int = Field(0, ge=0)  # model selection and the promotion gate read this split
+    heldout_size: int | None = Field(None, gt=0)  # None: every example not in the other splits
     split_seed: int = 0
+    # what the search optimises on the optimisation split (default: the judge alone); reports
+    # always show the judge
+    fitness: list[FitnessTerm] = Field(default_factory=lambda: [FitnessTerm()], min_length=1)
 
     check_templates = field_validator_for("prompt_template")
 
@@ -60,18 +72,21 @@ class EvalSuite:
     scorer: Scorer
     weight: float = _default("weight")
     optimisation_size: int = _default("optimisation_size")
-    heldout_size: int | None = _default("heldout_size")  # None: every example not in the optimisation split
+    heldout_size: int | None = _default("heldout_size")  # None: every example not in the other splits
     split_seed: int = _default("split_seed")
+    validation_size: int = _default("validation_size")
+    fitness: list[tuple[Scorer, float]] | None = None  # search objective terms; None: the judge alone
     data_fingerprint: str = ""
     _order: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.examples)
-        wanted = self.optimisation_size + (self.heldout_size or 0)
-        if self.optimisation_size <= 0 or wanted > n or (self.heldout_size is None and self.optimisation_size >= n):
+        taken = self.optimisation_size + self.validation_size
+        wanted = taken + (self.heldout_size or 0)
+        if self.optimisation_size <= 0 or wanted > n or (self.heldout_size is None and taken >= n):
             raise ConfigError(
-                f"eval suite {self.name!r}: optimisation_size={self.optimisation_size} and "
-                f"heldout_size={self.heldout_size} do not fit its {n} examples"
+                f"eval suite {self.name!r}: optimisation_size={self.optimisation_size}, validation_size="
+                f"{self.validation_size} and heldout_size={self.heldout_size} do not fit its {n} examples"
             )
         self._order = list(range(n))
         random.Random(self.split_seed).shuffle(self._order)
@@ -81,20 +96,34 @@ class EvalSuite:
                 h.update(json.dumps([ex.id, ex.prompt, ex.answer]).encode())
             self.data_fingerprint = h.hexdigest()
 
+    @property
+    def fitness_terms(self) -> list[tuple[Scorer, float]]:
+        return self.fitness or [(self.scorer, 1.0)]
+
     def split(self, which: Split) -> list[Example]:
-        k = self.optimisation_size
+        """The examples of one split: one seeded permutation cut into optimisation,
+        validation and held-out parts, disjoint by construction."""
+        k, v = self.optimisation_size, self.validation_size
         if which == "optimisation":
             idx = self._order[:k]
+        elif which == "validation":
+            idx = self._order[k: k + v]
         elif which == "heldout":
-            idx = self._order[k : k + self.heldout_size] if self.heldout_size else self._order[k:]
+            idx = self._order[k + v: k + v + self.heldout_size] if self.heldout_size else self._order[k + v:]
         else:
             raise ValueError(f"unknown split {which!r}")
         return [self.examples[i] for i in idx]
 
-    def fingerprint(self) -> str:
-        """Changes whenever data, split or scorer change: part of the fitness cache key."""
-        return digest([self.name, self.data_fingerprint, self.optimisation_size, self.heldout_size, self.split_seed,
-                       self.scorer.config()])
+    def fingerprint(self, objective: str = "judge") -> str:
+        """Changes whenever data, splits or scorer change: part of every cache key. The fitness
+        objective's fingerprint differs from the judge's only where fitness terms are set."""
+        payload = [self.name, self.data_fingerprint, self.optimisation_size, self.heldout_size, self.split_seed,
+                   self.scorer.config()]
+        if self.validation_size:
+            payload.append({"validation_size": self.validation_size})
+        if objective == "fitness" and self.fitness is not None:
+            payload.append({"fitness": [[scorer.config(), w] for scorer, w in self.fitness]})
+        return digest(payload)
 
     # -- loading -------------------------------------------------------------------
     @classmethod
@@ -131,11 +160,15 @@ class EvalSuite:
 
     @classmethod
     def from_settings(cls, s: SuiteSettings, *, judge_cache: str | Path | None = None) -> "EvalSuite":
+        judge = make_scorer(s.judge, judge_cache=judge_cache)
+        fitness = None
+        if [(t.scorer, t.weight) for t in s.fitness] != [("judge", 1.0)]:
+            fitness = [(judge if t.scorer == "judge" else make_scorer(t.scorer, judge_cache=judge_cache), t.weight)
+                       for t in s.fitness]
         return cls.from_file(s.name, s.dataset, s.dataset_split, prompt_template=s.prompt_template,
-                             answer_field=s.answer_field, id_field=s.id_field,
-                             scorer=make_scorer(s.judge, judge_cache=judge_cache), weight=s.weight,
-                             optimisation_size=s.optimisation_size, heldout_size=s.heldout_size,
-                             split_seed=s.split_seed)
+                             answer_field=s.answer_field, id_field=s.id_field, scorer=judge, weight=s.weight,
+                             optimisation_size=s.optimisation_size, validation_size=s.validation_size,
+                             heldout_size=s.heldout_size, split_seed=s.split_seed, fitness=fitness)
 
 
 def read_records(path: str | Path, hf_split: str | None = None) -> list[dict[str, Any]]:

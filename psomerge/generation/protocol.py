@@ -20,6 +20,20 @@ class GenerationStats:
     new_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """How likely a model finds a continuation of a context (one forward pass, no sampling)."""
+
+    logprob: float  # sum over the continuation's tokens of log p(token | everything before it)
+    tokens: int  # the continuation's length in tokens
+    greedy_tokens: int  # of which the model's argmax prediction
+
+    @property
+    def is_greedy(self) -> bool:
+        """Greedy decoding would produce exactly this continuation (lm-eval's ``is_greedy``)."""
+        return self.greedy_tokens == self.tokens
+
+
 @runtime_checkable
 class Generator(Protocol):
     stats: GenerationStats
@@ -30,6 +44,10 @@ class Generator(Protocol):
 
     def generate(self, prompts: Sequence[str]) -> list[str]:
         """Greedy answers, in order."""
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]], append_eos: bool = False) -> list[Continuation]:
+        """For each (context, continuation): how likely the continuation is after the context
+        (with the end-of-sequence token after it when ``append_eos``)."""
 
     def weights_changed(self) -> None:
         """Called after a particle was written into ``weights``."""
@@ -45,3 +63,25 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
         if pos >= 0:
             text = text[:pos]
     return text
+
+
+def encode_continuations(tokenizer, requests: Sequence[tuple[str, str]],
+                         append_eos: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) of each request, as both backends score them.
+
+    Trailing whitespace of a context moves to its continuation (tokenizers attach a space to
+    the word after it), and the continuation is what the whole text adds after the context's
+    own tokens (lm-eval's rules), so a continuation is scored as generation would produce it.
+    """
+    out = []
+    for context, continuation in requests:
+        stripped = context.rstrip()
+        if stripped != context:
+            context, continuation = stripped, context[len(stripped):] + continuation
+        ctx = tokenizer(context, add_special_tokens=True)["input_ids"]
+        whole = tokenizer(context + continuation, add_special_tokens=True)["input_ids"]
+        cont = whole[len(ctx):]
+        if append_eos and tokenizer.eos_token_id is not None:
+            cont = cont + [tokenizer.eos_token_id]
+        out.append((ctx, cont))
+    return out

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from psomerge.generation.protocol import GenerationStats, cut_at_stop
+from psomerge.generation.protocol import Continuation, GenerationStats, cut_at_stop, encode_continuations
 
 
 class TransformersGenerator:
@@ -65,4 +65,36 @@ class TransformersGenerator:
                 out.append(cut_at_stop(text, self.stop))
         self.stats.calls += 1
         self.stats.prompts += len(prompts)
+        return out
+
+    @torch.inference_mode()
+    def loglikelihood(self, requests: Sequence[tuple[str, str]], append_eos: bool = False) -> list[Continuation]:
+        """One forward pass per batch. Sequences are left-padded so every continuation ends at
+        the last position and only its logits are computed (``logits_to_keep``)."""
+        encoded = encode_continuations(self.tokenizer, requests, append_eos)
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id
+        out: list[Continuation] = []
+        for start in range(0, len(encoded), self.batch_size):
+            batch = encoded[start: start + self.batch_size]
+            seqs = [ctx + cont for ctx, cont in batch]
+            width = max(map(len, seqs))
+            keep = max(len(cont) for _, cont in batch) + 1
+            ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
+            mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                logits_to_keep=keep).logits.float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            for row, (_, cont) in enumerate(batch):
+                n = len(cont)
+                if n == 0:
+                    out.append(Continuation(0.0, 0, 0))
+                    continue
+                # logits at position t predict token t + 1: the continuation's n tokens are
+                # predicted by the n positions before the last one kept
+                pred = logprobs[row, keep - 1 - n: keep - 1]
+                target = torch.tensor(cont, device=device)
+                chosen = pred.gather(-1, target[:, None]).squeeze(-1)
+                out.append(Continuation(float(chosen.sum()), n, int((pred.argmax(-1) == target).sum())))
         return out

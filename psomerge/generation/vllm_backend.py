@@ -32,7 +32,7 @@ from psomerge.errors import PsomergeError
 from psomerge.io import Checkpoint
 from psomerge.io.checkpoint import DTYPES
 from psomerge.io.shared_weights import SharedWeights
-from psomerge.generation.protocol import GenerationStats, cut_at_stop
+from psomerge.generation.protocol import Continuation, GenerationStats, cut_at_stop, encode_continuations
 from psomerge.generation.vllm_env import vllm_env, vllm_python
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class VLLMGenerator:
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._proc: subprocess.Popen | None = None
         self._weights: SharedWeights | None = None
+        self._tokenizer = None
         # On the CPU backend, --gpu-memory-utilization is the share of RAM reserved (KV cache).
         kwargs: dict[str, Any] = {"model": str(self.model_path), "dtype": dtype, "enforce_eager": enforce_eager,
                                   "gpu_memory_utilization": memory_fraction, "seed": seed}
@@ -197,3 +198,13 @@ class VLLMGenerator:
         self.stats.new_tokens += int(reply["tokens"])
         return [cut_at_stop(t, self.stop) for t in reply["texts"]]
 
+    def loglikelihood(self, requests: Sequence[tuple[str, str]], append_eos: bool = False) -> list[Continuation]:
+        """Tokenised here as the transformers backend does, scored by the engine's prompt log-probs."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        pairs = encode_continuations(self._tokenizer, requests, append_eos)
+        reply = self._request({"op": "loglikelihood", "pairs": pairs})
+        self.timings.generate_seconds += reply["seconds"]
+        return [Continuation(float(lp), int(n), int(g)) for lp, n, g in reply["results"]]

@@ -8,6 +8,7 @@ psomerge is not installed, so it imports nothing from psomerge. The parent
     worker -> parent   {"event": "ready", "seconds": ..., "dtype": "float32", "device": "cpu"}
     parent -> worker   {"op": "load", "path": "/dev/shm/....safetensors"}
                        {"op": "generate", "prompts": [...], "max_tokens": 16, "stop": ["\\n"]}
+                       {"op": "loglikelihood", "pairs": [[context ids, continuation ids], ...]}
                        {"op": "stop"}
     worker -> parent   {"ok": true, ...} or {"ok": false, "error": "..."}
 
@@ -68,11 +69,32 @@ def main() -> int:
                 send({"ok": True, "seconds": time.perf_counter() - t,
                       "texts": [c.text for c in completions],
                       "tokens": sum(len(c.token_ids) for c in completions)})
+            elif op == "loglikelihood":
+                t = time.perf_counter()
+                results = loglikelihood(llm, SamplingParams, request["pairs"])
+                send({"ok": True, "seconds": time.perf_counter() - t, "results": results})
             else:
                 send({"ok": False, "error": f"unknown op {op!r}"})
         except Exception as exc:  # noqa: BLE001 - the engine stays up; the parent decides
             send({"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()})
     return 0
+
+
+def loglikelihood(llm, sampling_params, pairs: list) -> list:
+    """[logprob, tokens, greedy tokens] of each continuation after its context, from the
+    engine's prompt log-probs (one prefill, no token sampled but one)."""
+    prompts = [{"prompt_token_ids": list(ctx) + list(cont)} for ctx, cont in pairs]
+    outputs = llm.generate(prompts, sampling_params(max_tokens=1, temperature=0.0, prompt_logprobs=1),
+                           use_tqdm=False)
+    results = []
+    for (ctx, cont), out in zip(pairs, outputs):
+        logprob, greedy = 0.0, 0
+        for i, token in enumerate(cont):
+            entry = out.prompt_logprobs[len(ctx) + i][token]  # the prompt token's own log-prob and rank
+            logprob += entry.logprob
+            greedy += entry.rank == 1
+        results.append([logprob, len(cont), greedy])
+    return results
 
 
 def load_weights(llm, path: str) -> int:

@@ -1,15 +1,24 @@
 """Reading and writing Hugging Face checkpoint folders, one tensor at a time."""
 
 from psomerge.io.checkpoint import Checkpoint, TensorInfo
+from psomerge.io.lora import LoraExpert, is_adapter
+from psomerge.io.models import Model, open_model
 from psomerge.io.validate import check_compatible, check_finite
+from psomerge.io.vocab import AlignedModel, align_vocabularies
 from psomerge.io.writer import StreamingSafetensorsWriter, copy_model_files, write_checkpoint
 
 __all__ = [
+    "AlignedModel",
     "Checkpoint",
+    "LoraExpert",
+    "Model",
     "TensorInfo",
     "StreamingSafetensorsWriter",
+    "align_vocabularies",
     "check_compatible",
     "check_finite",
     "copy_model_files",
+    "is_adapter",
+    "open_model",
     "write_checkpoint",
 ]

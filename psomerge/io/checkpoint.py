@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from psomerge.errors import CheckpointError
+from psomerge.io.model_files import copy_model_files
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -214,6 +215,11 @@ class Checkpoint:
                         h.update(chunk)
             _FINGERPRINTS[stamp] = h.hexdigest()
         return _FINGERPRINTS[stamp]
+
+    def write_model_files(self, out_dir: str | Path, dtype: torch.dtype) -> None:
+        """Config (with ``dtype``), generation config and tokenizer files of this model, for
+        a checkpoint written in its shape."""
+        copy_model_files(self.path, out_dir, dtype)
 
     def close(self) -> None:
         self._handles.clear()

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from psomerge.errors import CheckpointError, IncompatibleModelsError
-from psomerge.io.checkpoint import Checkpoint
+from psomerge.io.models import Model
 
 _MAX_LISTED = 5
 
@@ -18,11 +18,11 @@ def _listing(names: Sequence[str]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def _architecture(ckpt: Checkpoint) -> tuple[str | None, tuple[str, ...]]:
+def _architecture(ckpt: Model) -> tuple[str | None, tuple[str, ...]]:
     return ckpt.config.get("model_type"), tuple(ckpt.config.get("architectures") or ())
 
 
-def check_compatible(base: Checkpoint, others: Sequence[Checkpoint]) -> None:
+def check_compatible(base: Model, others: Sequence[Model]) -> None:
     """Raise IncompatibleModelsError unless every model in ``others`` matches ``base``
     in architecture, vocabulary, tensor names and tensor shapes."""
     base_arch = _architecture(base)

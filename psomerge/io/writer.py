@@ -21,21 +21,12 @@ from pathlib import Path
 import torch
 
 from psomerge.errors import CheckpointError
-from psomerge.io.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, Checkpoint
+from psomerge.io.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from psomerge.io.layout import itemsize, numel, plan_file
+from psomerge.io.model_files import copy_model_files  # noqa: F401 - re-exported
+from psomerge.io.models import Model
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 class StreamingSafetensorsWriter:
@@ -127,29 +118,13 @@ class StreamingSafetensorsWriter:
                 f.close()
 
 
-def copy_model_files(base_dir: str | Path, out_dir: str | Path, dtype: torch.dtype) -> None:
-    """Copy config (with the output dtype), generation config and tokenizer files of the base."""
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = json.loads((base_dir / "config.json").read_text())
-    dtype_name = str(dtype).removeprefix("torch.")
-    if "torch_dtype" in config:
-        config["torch_dtype"] = dtype_name
-    config["dtype"] = dtype_name
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    for fname in ("generation_config.json", *TOKENIZER_FILES):
-        src = base_dir / fname
-        if src.exists():
-            shutil.copyfile(src, out_dir / fname)
-
-
 def write_checkpoint(
     out_dir: str | Path,
-    reference: Checkpoint,
+    reference: Model,
     compute: Callable[[str], torch.Tensor | None],
     *,
     dtype: torch.dtype | None = None,
-    inputs: Sequence[Checkpoint] = (),
+    inputs: Sequence[Model] = (),
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     on_tensor: Callable[[str], None] | None = None,
     extra_files: dict[str, str] | None = None,
@@ -182,7 +157,7 @@ def write_checkpoint(
                 writer.write(name, (reference.get(name) if value is None else value).to(out_dtype))
                 if on_tensor:
                     on_tensor(name)
-        copy_model_files(reference.path, staging, dtype or reference.dtype)
+        reference.write_model_files(staging, dtype or reference.dtype)
         for fname, text in (extra_files or {}).items():
             (staging / fname).write_text(text)
         if private:
@@ -195,7 +170,7 @@ def write_checkpoint(
     return out_dir
 
 
-def _is_private(checkpoints: Sequence[Checkpoint]) -> bool:
+def _is_private(checkpoints: Sequence[Model]) -> bool:
     return any(not (f.stat().st_mode & stat.S_IROTH) for c in checkpoints for f in c.weight_files())
 
 

@@ -14,6 +14,9 @@ from pydantic import ConfigDict, field_validator
 from psomerge.errors import ConfigError
 from psomerge.judges.code_exec import CodeExec, CodeExecSettings
 from psomerge.judges.exact_match import ExactMatch, ExactMatchSettings
+from psomerge.judges.likelihood import (
+    AnswerLikelihood, AnswerLikelihoodSettings, MultipleChoice, MultipleChoiceSettings,
+)
 from psomerge.judges.llm import LLMJudge, LLMJudgeSettings
 from psomerge.judges.protocol import Scorer, ScorerBase, ScorerUsage
 from psomerge.yamlconfig import StrictModel, tagged_union
@@ -45,6 +48,8 @@ BUILTIN: dict[str, tuple[type[StrictModel], Callable[..., Scorer]]] = {
     "exact_match": (ExactMatchSettings, ExactMatch),
     "code_exec": (CodeExecSettings, CodeExec),
     "llm": (LLMJudgeSettings, LLMJudge),
+    "answer_likelihood": (AnswerLikelihoodSettings, AnswerLikelihood),
+    "multiple_choice": (MultipleChoiceSettings, MultipleChoice),
 }
 
 # A judge section: a built-in by its type; any other type is a plugin's, checked to be installed.

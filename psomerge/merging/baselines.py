@@ -8,6 +8,7 @@ from typing import Any
 from psomerge.errors import ConfigError
 from psomerge.hashing import digest
 from psomerge.merging.recipe import MergeRecipe
+from psomerge.progress import SILENT, Progress
 
 MERGE_CODE_VERSION = "2"  # bump when static merge outputs change for the same recipe
 
@@ -23,7 +24,8 @@ STATIC_BASELINES: dict[str, dict[str, Any]] = {
 }
 
 
-def baseline_recipe(name: str, base: Path, experts: list[Path], seed: int = 0) -> MergeRecipe:
+def baseline_recipe(name: str, base: Path, experts: list[Path], seed: int = 0,
+                    tokenizer_source: str | None = None) -> MergeRecipe:
     if name not in STATIC_BASELINES:
         raise ConfigError(f"unknown baseline {name!r}; known: {', '.join(STATIC_BASELINES)}")
     spec = dict(STATIC_BASELINES[name])
@@ -38,16 +40,24 @@ def baseline_recipe(name: str, base: Path, experts: list[Path], seed: int = 0) -
         data["base_model"] = str(base)
     if lam is not None:
         data["parameters"] = {"lambda": lam}
+    if tokenizer_source is not None:
+        data["tokenizer_source"] = tokenizer_source
     return MergeRecipe.from_dict(data, source=f"<baseline {name}>")
 
 
-def baseline_checkpoint(name: str, base: Path, experts: list[Path], seed: int, root: Path) -> Path:
+def baseline_checkpoint(name: str, base: Path, experts: list[Path], seed: int, root: Path,
+                        tokenizer_source: str | None = None, progress: Progress = SILENT) -> Path:
     """The baseline merged into ``root/<name>/<tag>`` (once): the folder is named by the recipe
     and the merge code's version, so a stale merge is never reused."""
+    from psomerge.io import Checkpoint
     from psomerge.merging.engine import run_merge
 
-    recipe = baseline_recipe(name, base, experts, seed)
+    recipe = baseline_recipe(name, base, experts, seed, tokenizer_source)
     out = Path(root) / name / digest(recipe.model_dump_json() + MERGE_CODE_VERSION, 6)
     if not (out / "config.json").exists():
-        run_merge(recipe, out)
+        task = progress.start(f"merging {name}", len(Checkpoint(base).tensor_names))
+        try:
+            run_merge(recipe, out, on_tensor=lambda _: task.advance())
+        finally:
+            task.close()
     return out

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from psomerge.io import Checkpoint, check_compatible, check_finite, write_checkpoint
+from psomerge.io import check_compatible, check_finite, open_model, write_checkpoint
+from psomerge.io.vocab import align_vocabularies
 from psomerge.io.writer import DEFAULT_SHARD_BYTES
 from psomerge.merging.recipe import MergeRecipe
 from psomerge.merging.task_vectors import generator
@@ -41,9 +42,14 @@ def run_merge(
     start = time.perf_counter()
     method = recipe.method
     merged = recipe.merged_models()
-    ckpts = [Checkpoint(recipe.resolve_path(m.model), name=m.model) for _, m in merged]
-    base = Checkpoint(recipe.resolve_path(recipe.base_model), name=recipe.base_model) if recipe.base_model else None
-    reference = base or ckpts[0]
+    base = open_model(recipe.resolve_path(recipe.base_model), name=recipe.base_model) if recipe.base_model else None
+    ckpts = [open_model(recipe.resolve_path(m.model), name=m.model, base=base) for _, m in merged]
+    models = ([base] if base is not None else []) + ckpts
+    reference, rest = align_vocabularies(models[0], models[1:], recipe.tokenizer_source, base_rule=base is not None)
+    if base is not None:
+        base, ckpts = reference, rest
+    else:
+        ckpts = [reference, *rest]
     check_compatible(reference, [c for c in ckpts if c is not reference])
 
     def merge_tensor(name: str) -> torch.Tensor:

@@ -71,13 +71,15 @@ class Linear(MergeMethod):
     shared_keys = frozenset({"normalize"})
 
     def merge(self, base, tensors, params, options, generators):
-        weights = [p.weight for p in params]
+        # mergekit 0.1.5's arithmetic, so results are bit-identical: fp32 weights, one
+        # addcmul per model into zeros, then division by the fp32 sum of the weights
+        weights = torch.tensor([p.weight for p in params], dtype=torch.float32)
         out = torch.zeros(tensors[0].shape, dtype=torch.float32)
         for t, w in zip(tensors, weights):
-            out.add_(t.float(), alpha=w)
+            out.addcmul_(t.float(), w)
         if options.normalize:
-            total = sum(weights)
-            if abs(total) < 1e-12:
+            total = weights.sum()
+            if abs(float(total)) < 1e-12:
                 raise ConfigError("linear merge with normalize: the model weights sum to 0")
             out.div_(total)
         return out

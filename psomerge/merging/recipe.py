@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict
 
 from psomerge.errors import ConfigError
 from psomerge.io.checkpoint import DTYPES
+from psomerge.io.vocab import TOKENIZER_SOURCES
 from psomerge.merging.methods import MergeMethod, MergeOptions, ModelParams, get_method
 from psomerge.yamlconfig import read_yaml, validate
 
@@ -33,7 +34,7 @@ class MergeRecipe(BaseModel):
     parameters: dict[str, ParamValue] = {}
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # base | union: models with different tokenizers
     seed: int = 0  # psomerge extension: seeds DARE / DELLA masks (mergekit draws unseeded)
     source: str = "<recipe>"  # where it came from, for error messages
 
@@ -63,10 +64,10 @@ class MergeRecipe(BaseModel):
         method = self.method
         if method.requires_base and not self.base_model:
             raise ConfigError(f"{self.source}: merge_method {self.merge_method!r} needs 'base_model'")
-        if self.tokenizer_source not in (None, "base"):
+        if self.tokenizer_source not in (None, *TOKENIZER_SOURCES):
             raise ConfigError(
-                f"{self.source}: tokenizer_source {self.tokenizer_source!r} is not supported: "
-                "psomerge merges models that share the base tokenizer (use 'base' or omit it)"
+                f"{self.source}: tokenizer_source {self.tokenizer_source!r} is not supported: use 'base' (the base "
+                "vocabulary; experts' extra tokens dropped) or 'union' (every model's tokens)"
             )
         for key in self.parameters:
             if key not in method.shared_keys and key not in method.model_keys:

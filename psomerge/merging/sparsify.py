@@ -12,14 +12,16 @@ from typing import Literal
 
 import torch
 
+from psomerge.merging.topk import argsort_topk_mask
+
 Rescale = Literal["inverse", "l1", "none"]
 
 
 def magnitude_topk(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the k = max(1, int(density * numel)) largest-magnitude entries (TIES trim).
 
-    Uses a k-th value threshold (linear time) instead of a full argsort; entries tied at
-    the threshold are kept in index order so exactly k survive.
+    Exactly the entries mergekit 0.1.5 keeps, ``argsort(|delta|, descending=True)[:k]``,
+    ties at the k-th magnitude included, in expected linear time (``topk.argsort_topk_mask``).
     """
     if density >= 1:
         return delta
@@ -27,14 +29,7 @@ def magnitude_topk(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density <= 0 or n == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * n))
-    mag = delta.abs().reshape(-1)
-    threshold = torch.kthvalue(mag, n - k + 1).values
-    keep = mag > threshold
-    short = k - int(keep.sum())
-    if short > 0:  # fill from the entries equal to the threshold
-        tied = torch.nonzero(mag == threshold).reshape(-1)[:short]
-        keep[tied] = True
-    return delta * keep.reshape(delta.shape)
+    return delta * argsort_topk_mask(delta.abs(), k)
 
 
 def _rescaled(delta: torch.Tensor, mask: torch.Tensor, keep_prob: torch.Tensor | float, rescale: Rescale):
@@ -87,10 +82,18 @@ def della(
             f"(density={density}, epsilon={epsilon})"
         )
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    width = rows.shape[1]
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).float()  # 0 = smallest magnitude
-    rank_frac = ranks / max(width - 1, 1)
-    keep_prob = (density - epsilon) + 2 * epsilon * rank_frac
+    keep_prob = della_keep_prob(rows, density, epsilon)
     mask = torch.rand(rows.shape, generator=generator) < keep_prob
     out = _rescaled(rows, mask, keep_prob, rescale)
     return out.reshape(delta.shape)
+
+
+def della_keep_prob(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Per-entry keep probability of DELLA: density - epsilon for the smallest magnitude of
+    its row up to density + epsilon for the largest. Ranks come from the same non-stable
+    ``argsort`` mergekit 0.1.5 calls, so tied magnitudes get mergekit's ranks, and the
+    probabilities equal mergekit's bit for bit."""
+    width = rows.shape[1]
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).float()  # 0 = smallest magnitude
+    rank_frac = ranks / max(width - 1, 1)
+    return (density - epsilon) + 2 * epsilon * rank_frac

@@ -11,7 +11,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from psomerge.config import DaskRunner, RayRunner, RunConfig, ThreadsRunner
 from psomerge.orchestration.tasks import PrefectScoring
+from psomerge.orchestration.watching import current_progress, watched_by
 from psomerge.pipeline import RunResult, run_pipeline
+from psomerge.progress import SILENT, Progress
 
 
 def task_runner(settings: ThreadsRunner | DaskRunner | RayRunner):
@@ -40,7 +42,8 @@ def pso_merge(config_path: str, resume: bool = False) -> RunResult:
     from psomerge.tracking import MLflowTracker
 
     cfg = RunConfig.load(config_path)
-    return run_pipeline(cfg, scoring=PrefectScoring(cfg), tracker=MLflowTracker(), resume=resume)
+    return run_pipeline(cfg, scoring=PrefectScoring(cfg), tracker=MLflowTracker(), resume=resume,
+                        progress=current_progress())
 
 
 @flow(name="promote")
@@ -52,7 +55,8 @@ def promote(model_name: str, margin: float = 0.0, experiment: str = "psomerge") 
     return registry.promote(model_name, margin)
 
 
-def run_flow(config_path: str | Path, resume: bool = False) -> RunResult:
+def run_flow(config_path: str | Path, resume: bool = False, progress: Progress = SILENT) -> RunResult:
     """Run pso_merge with the task runner its config asks for (threads, Dask or Ray)."""
     cfg = RunConfig.load(config_path)
-    return pso_merge.with_options(task_runner=task_runner(cfg.runner))(str(config_path), resume=resume)
+    with watched_by(progress):
+        return pso_merge.with_options(task_runner=task_runner(cfg.runner))(str(config_path), resume=resume)

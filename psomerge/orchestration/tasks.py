@@ -46,9 +46,12 @@ def close_context(config_json: str) -> None:
 
 
 def _particle_cache_key(task_context, parameters: dict[str, Any]) -> str:
-    """Keyed like the fitness cache: basis fingerprint, rounded coefficients, eval fingerprint."""
-    return "particle-" + particle_key(parameters["basis_fingerprint"], np.asarray(parameters["coeffs"]),
-                                      parameters["eval_fingerprint"])
+    """Keyed like the fitness cache (basis fingerprint, rounded coefficients, eval fingerprint),
+    plus the racing target: a raced result holds only against the target it was raced to."""
+    key = particle_key(parameters["basis_fingerprint"], np.asarray(parameters["coeffs"]),
+                       parameters["eval_fingerprint"])
+    target = parameters.get("target")
+    return "particle-" + (key if target is None else digest([key, target[0], np.round(target[1], 6).tolist()]))
 
 
 def _transient(task, task_run, state) -> bool:
@@ -69,7 +72,9 @@ def _row(row: Row) -> dict[str, Any]:
 
 
 def _unrow(data: dict[str, Any]) -> Row:
-    return Row(data["label"], EvalResult(**data["heldout"]), EvalResult(**data["optimisation"]), Usage(**data["usage"]))
+    val = data.get("validation")
+    return Row(data["label"], EvalResult(**data["heldout"]), EvalResult(**data["optimisation"]), Usage(**data["usage"]),
+               EvalResult(**val) if val else None)
 
 
 @task(name="validate-and-build-basis", cache_policy=NO_CACHE)
@@ -77,14 +82,14 @@ def prepare_basis(config_json: str) -> dict[str, Any]:
     """Checks base and experts, writes the DARE experts (once), opens the basis."""
     validate_models(RunConfig.model_validate_json(config_json))
     info = context(config_json).info()
-    return {**asdict(info), "eval_fingerprint": context(config_json).evaluator.fingerprint}
+    return {**asdict(info), "eval_fingerprint": context(config_json).evaluator.fitness_fingerprint}
 
 
 @task(name="score-particle", cache_key_fn=_particle_cache_key, persist_result=True, retries=2,
       retry_delay_seconds=2, retry_condition_fn=_transient)
 def score_particle(config_json: str, coeffs: list[list[float]], basis_fingerprint: str,
-                   eval_fingerprint: str) -> dict[str, Any]:
-    return asdict(context(config_json).score(np.asarray(coeffs)))
+                   eval_fingerprint: str, target: tuple[float, list[list[float]]] | None = None) -> dict[str, Any]:
+    return asdict(context(config_json).score(np.asarray(coeffs), target))
 
 
 @task(name="evaluate-rows", cache_policy=NO_CACHE)
@@ -92,6 +97,13 @@ def evaluate_rows(config_json: str, particles: dict[str, list[list[float]]]) -> 
     """Report rows of named particles (base, experts, the merge): held-out and optimisation split."""
     ctx = context(config_json)
     return [_row(ctx.evaluate(label, np.asarray(x))) for label, x in particles.items()]
+
+
+@task(name="validate-candidates", cache_policy=NO_CACHE)
+def validate_candidates(config_json: str, particles: list[list[list[float]]]) -> list[dict[str, Any]]:
+    """Candidates' judge scores on the validation split (model selection)."""
+    ctx = context(config_json)
+    return [{"result": asdict(r), "usage": asdict(u)} for r, u in (ctx.validate(np.asarray(x)) for x in particles)]
 
 
 @task(name="static-baseline", cache_policy=NO_CACHE)
@@ -118,12 +130,15 @@ class PrefectScoring:
         self.info = BasisInfo(**info)
         return self.info
 
-    def score(self, positions: list[np.ndarray]) -> list[ParticleScore]:
-        futures = [score_particle.submit(self.config_json, x.tolist(), self.info.fingerprint, self.eval_fingerprint)
-                   for x in positions]
+    def score(self, positions: list[np.ndarray], targets: list, progress=None) -> list[ParticleScore]:
+        futures = [score_particle.submit(self.config_json, x.tolist(), self.info.fingerprint, self.eval_fingerprint,
+                                         None if t is None else (t[0], np.asarray(t[1]).tolist()))
+                   for x, t in zip(positions, targets)]
         results = []
         for f in futures:
             r = f.result()
+            if progress is not None:
+                progress.advance()
             if f.state.name == "Cached":  # Prefect's own result cache answered: nothing was used
                 results.append(ParticleScore(r["fitness"], r["scores"], scored=False, task_cached=True))
             else:
@@ -132,6 +147,10 @@ class PrefectScoring:
 
     def evaluate(self, particles: dict[str, np.ndarray]) -> list[Row]:
         return [_unrow(r) for r in evaluate_rows(self.config_json, {k: v.tolist() for k, v in particles.items()})]
+
+    def validate(self, particles: list[np.ndarray]) -> list[tuple[EvalResult, Usage]]:
+        return [(EvalResult(**r["result"]), Usage(**r["usage"]))
+                for r in validate_candidates(self.config_json, [x.tolist() for x in particles])]
 
     def baseline(self, name: str) -> Row:
         return _unrow(static_baseline(self.config_json, name))

@@ -130,9 +130,10 @@ def train(
 
 
 def preset_run_config(assets: PresetAssets, *, name: str, model_name: str, suite: dict, generation: dict,
-                      optimizer: str, steps: int, baselines: list[str] | None, source: str):
+                      optimizer: str, steps: int, baselines: list[str] | None, source: str, **overrides):
     """A run config over a built preset: one suite per expert's dataset, with ``suite``'s
-    settings (prompt, judge, split size) shared by all."""
+    settings (prompt, judge, split sizes) shared by all; ``overrides`` are top-level keys
+    (e.g. ``preset="paper"``, ``racing=None``)."""
     from psomerge.config import RunConfig
 
     extra: dict = {"baselines": baselines} if baselines is not None else {}
@@ -146,4 +147,5 @@ def preset_run_config(assets: PresetAssets, *, name: str, model_name: str, suite
         "optimizer": {"type": optimizer, "steps": steps},
         "registry": {"model_name": model_name},
         **extra,
+        **overrides,
     }, source=source)

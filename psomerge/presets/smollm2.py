@@ -182,11 +182,11 @@ def build_smollm2(
 
 
 def smollm2_run_config(assets: PresetAssets, spec: SmolSpec = SmolSpec(), optimizer: str = "pso", steps: int = 3,
-                       name: str | None = None, baselines: list[str] | None = None):
+                       name: str | None = None, baselines: list[str] | None = None, **overrides):
     """The swarm run config for the SmolLM2 experts (configs/smollm2.yaml spells it out)."""
     return preset_run_config(
         assets, name=name or f"smollm2-{optimizer}", model_name="psomerge-smollm2",
         suite={"prompt_template": "{prompt}", "judge": {"type": "exact_match", "normalizer": "text"},
                "optimisation_size": spec.optimisation_size},
         generation={"max_new_tokens": 4, "batch_size": 64},
-        optimizer=optimizer, steps=steps, baselines=baselines, source="<smollm2 preset>")
+        optimizer=optimizer, steps=steps, baselines=baselines, source="<smollm2 preset>", **overrides)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
+from psomerge.hashing import digest
 from psomerge.presets.charlm import char_tokenizer, tiny_llama_config
 from psomerge.presets.common import PresetAssets, build_key, cached_build, preset_run_config, publish_build, staging, train
 from psomerge.presets.tiny_tasks import ALPHABET, DEMO_TASKS, copy, unique_examples
@@ -34,14 +36,22 @@ class TinySpec:
     batch_size: int = 64
     pretrain_steps: int = 1500
     pretrain_lr: float = 3e-3
+    pretrain_hard_scale: float = 1.0  # multiplies each task's share of hard examples in pretraining
     expert_steps: int = 300
     expert_lr: float = 3e-4
-    eval_examples_per_task: int = 300  # split later into optimisation and held-out
+    expert_replay: float = 0.0  # share of the pretraining mix in an expert's fine-tuning batches
+    eval_examples_per_task: int = 300  # split later into optimisation, validation and held-out
     tasks: tuple[str, ...] = tuple(t.name for t in DEMO_TASKS)
     seed: int = 0
 
     def key(self) -> str:
         return build_key(self, BUILD_VERSION)
+
+    def base_key(self) -> str:
+        """The base and eval data depend only on these: builds differing in expert settings share them."""
+        fields = ("hidden", "layers", "heads", "batch_size", "pretrain_steps", "pretrain_lr", "pretrain_hard_scale",
+                  "eval_examples_per_task", "tasks", "seed")
+        return digest({**{f: getattr(self, f) for f in fields}, "version": BUILD_VERSION}, 6)
 
 
 def build_tiny(
@@ -51,10 +61,48 @@ def build_tiny(
     built = cached_build(root, spec.tasks)
     if built is not None:
         return built
+    base_dir = _build_base(Path(data_dir) / "demo" / f"base-{spec.base_key()}", spec, on_progress)
+    tmp = staging(root)
+    staged = PresetAssets.at(tmp, spec.tasks)
+    shutil.copytree(base_dir / "base", staged.base)
+    shutil.copytree(base_dir / "data", staged.base.parent / "data")
+    tasks = {t.name: t for t in DEMO_TASKS if t.name in spec.tasks}
+    all_eval = {json.loads(line)["question"] for path in staged.datasets.values() for line in path.read_text().splitlines()}
+    tokenizer = char_tokenizer(ALPHABET)
+    base = LlamaForCausalLM.from_pretrained(staged.base, dtype=torch.float32)
+    general = _pretraining_mix(tasks, spec)
+    for i, name in enumerate(spec.tasks):
+        expert = LlamaForCausalLM(base.config)
+        expert.load_state_dict(base.state_dict())
+        # a share of the pretraining mix (replay) keeps an expert's other skills, as real fine-tunes try to
+        mix = [(tasks[name].hard, 1.0 - spec.expert_replay)] + [(g, w * spec.expert_replay) for g, w in general]
+        train(expert, tokenizer, [(g, w) for g, w in mix if w > 0], spec.expert_steps, spec.expert_lr,
+              spec.batch_size, spec.seed + 1 + i, all_eval,
+              lambda s, n=name: on_progress and on_progress(n, s, spec.expert_steps))
+        expert.save_pretrained(staged.experts[name])
+        tokenizer.save_pretrained(staged.experts[name])
+    publish_build(tmp, root, spec)
+    return PresetAssets.at(root, spec.tasks)
+
+
+def _pretraining_mix(tasks: dict, spec: TinySpec) -> list:
+    """Copying, easy variants of every task (the format), and each task's small share of hard
+    examples, so the base is a weak generalist."""
+    hard = {name: t.pretrain_share * spec.pretrain_hard_scale for name, t in tasks.items()}
+    hard_share = sum(hard.values())
+    mix = [(copy(1, 8), 0.5 * (1 - hard_share))]
+    mix += [(t.easy, 0.5 * (1 - hard_share) / len(tasks)) for t in tasks.values()]
+    mix += [(t.hard, hard[name]) for name, t in tasks.items() if hard[name] > 0]
+    return mix
+
+
+def _build_base(root: Path, spec: TinySpec, on_progress) -> Path:
+    """Eval data and the pretrained base, cached under ``root`` (shared by expert settings)."""
+    if (root / "BUILT").exists():
+        return root
     tmp = staging(root)
     staged = PresetAssets.at(tmp, spec.tasks)
     tasks = {t.name: t for t in DEMO_TASKS if t.name in spec.tasks}
-
     # Eval data first: training draws exclude every eval question, so held-out stays unseen.
     staged.datasets[spec.tasks[0]].parent.mkdir(parents=True)
     eval_questions: dict[str, set[str]] = {}
@@ -64,41 +112,28 @@ def build_tiny(
         with open(staged.datasets[name], "w") as f:
             for j, (q, a) in enumerate(pairs):
                 f.write(json.dumps({"id": f"{name}-{j}", "question": q, "answer": a}) + "\n")
-    all_eval = set().union(*eval_questions.values())
-
     tokenizer = char_tokenizer(ALPHABET)
     torch.manual_seed(spec.seed)
     base = LlamaForCausalLM(tiny_llama_config(len(tokenizer), spec.hidden, spec.layers, spec.heads))
-    # Pretraining mix: copying, easy variants of every task (the format), and each task's
-    # small share of hard examples, so the base is a weak generalist.
-    hard_share = sum(t.pretrain_share for t in tasks.values())
-    mix = [(copy(1, 8), 0.5 * (1 - hard_share))]
-    mix += [(t.easy, 0.5 * (1 - hard_share) / len(tasks)) for t in tasks.values()]
-    mix += [(t.hard, t.pretrain_share) for t in tasks.values() if t.pretrain_share > 0]
     started = time.perf_counter()
-    train(base, tokenizer, mix, spec.pretrain_steps, spec.pretrain_lr, spec.batch_size, spec.seed, all_eval,
+    train(base, tokenizer, _pretraining_mix(tasks, spec), spec.pretrain_steps, spec.pretrain_lr, spec.batch_size,
+          spec.seed, set().union(*eval_questions.values()),
           lambda s: on_progress and on_progress("base", s, spec.pretrain_steps))
     base.save_pretrained(staged.base)
     tokenizer.save_pretrained(staged.base)
     log.info("pretrained base in %.0fs", time.perf_counter() - started)
-
-    for i, name in enumerate(spec.tasks):
-        expert = LlamaForCausalLM(base.config)
-        expert.load_state_dict(base.state_dict())
-        train(expert, tokenizer, [(tasks[name].hard, 1.0)], spec.expert_steps, spec.expert_lr, spec.batch_size,
-              spec.seed + 1 + i, all_eval, lambda s, n=name: on_progress and on_progress(n, s, spec.expert_steps))
-        expert.save_pretrained(staged.experts[name])
-        tokenizer.save_pretrained(staged.experts[name])
-    publish_build(tmp, root, spec)
-    return PresetAssets.at(root, spec.tasks)
+    (tmp / "BUILT").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return root
 
 
 def tiny_run_config(assets: PresetAssets, optimizer: str = "pso", steps: int = 5, name: str | None = None,
-                    baselines: list[str] | None = None):
+                    baselines: list[str] | None = None, **overrides):
     """The swarm run config for the tiny experts (what configs/demo.yaml spells out)."""
     return preset_run_config(
         assets, name=name or f"demo-{optimizer}", model_name="psomerge-demo",
         suite={"prompt_template": "{question}", "judge": {"type": "exact_match", "normalizer": "none"},
                "optimisation_size": OPTIMISATION_SIZE},
         generation={"max_new_tokens": MAX_NEW_TOKENS, "batch_size": 256},
-        optimizer=optimizer, steps=steps, baselines=baselines, source="<demo>")
+        optimizer=optimizer, steps=steps, baselines=baselines, source="<demo>", **overrides)

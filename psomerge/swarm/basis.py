@@ -25,7 +25,9 @@ from pydantic import Field
 
 from psomerge.errors import CheckpointError, ConfigError
 from psomerge.hashing import digest
-from psomerge.io import Checkpoint, check_compatible, write_checkpoint
+from psomerge.io import Checkpoint, Model, check_compatible, open_model, write_checkpoint
+from psomerge.io.vocab import AlignedModel, TokenizerSource, align_vocabularies
+from psomerge.progress import SILENT, Progress
 from psomerge.swarm.masks import DareMask, dare_masks_for, tensor_spans, unpack_bits
 from psomerge.swarm.materialise import fused_sum_into, masked_sum_into, weighted_sum_into, writable_tensors
 from psomerge.yamlconfig import StrictModel
@@ -47,6 +49,9 @@ class BasisSettings(StrictModel):
     seed: int = 0
     granularity: Granularity = "model"  # one coefficient vector per model, layer or tensor
     storage: Storage = "ram"
+    # experts whose tokenizers differ from the base's: one vocabulary for the basis, the
+    # merged model and its tokenizer (mergekit's tokenizer_source); None: a mismatch is an error
+    tokenizer_source: TokenizerSource | None = None
 
     @property
     def resident_device(self) -> str:
@@ -82,7 +87,7 @@ def tensor_groups(names: Sequence[str], granularity: Granularity) -> tuple[list[
     return labels, index
 
 
-def floating_names(ckpt: Checkpoint) -> list[str]:
+def floating_names(ckpt: Model) -> list[str]:
     """The tensors a particle mixes: the floating-point ones (integer buffers are copied)."""
     return [n for n in ckpt.tensor_names if ckpt.info(n).dtype.is_floating_point]
 
@@ -102,7 +107,7 @@ class DareMember:
     and the mask when asked. The dense layouts and reference computations read it; the default
     layout never does."""
 
-    def __init__(self, base: Checkpoint, expert: Checkpoint, mask: DareMask):
+    def __init__(self, base: Model, expert: Model, mask: DareMask):
         self.base, self.expert, self.mask = base, expert, mask
         self.name = mask.name
 
@@ -146,8 +151,9 @@ class Basis:
     made a basis is part of its fingerprint (cached scores are per layout).
     """
 
-    def __init__(self, checkpoints: Sequence[Checkpoint], masks: Sequence[DareMask], labels: Sequence[str],
-                 fingerprint: str, granularity: Granularity = "model", storage: Storage = "ram"):
+    def __init__(self, checkpoints: Sequence[Model], masks: Sequence[DareMask], labels: Sequence[str],
+                 fingerprint: str, granularity: Granularity = "model", storage: Storage = "ram",
+                 model_dir: Path | None = None):
         n = len(masks)
         if n < 1 or len(checkpoints) < 1 + n:
             raise ValueError("a basis is base + N experts (N >= 1) with their N DARE masks, then extras")
@@ -158,6 +164,8 @@ class Basis:
         base = self.checkpoints[0]
         dare = [DareMember(base, e, m) for e, m in zip(self.checkpoints[1: 1 + n], self.masks)]
         self.members = [*self.checkpoints[: 1 + n], *dare, *self.checkpoints[1 + n:]]
+        # a folder with the basis's config, tokenizer and vocabulary, for resident models
+        self.model_dir = Path(model_dir or base.path)
         self.labels = list(labels)
         if len(self.labels) != len(self.members):
             raise ValueError(f"{len(self.labels)} labels for {len(self.members)} basis members")
@@ -374,11 +382,12 @@ def _sparse_delta(member: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tenso
     return index, value
 
 
-def _read_into(ckpt: Checkpoint, name: str, out: torch.Tensor, spans: dict[Path, dict[str, tuple[int, int]]]) -> None:
-    """Tensor ``name`` of ``ckpt`` read into ``out`` (host memory, its stored dtype). Safetensors
-    files are read with plain reads at the tensor's offset (``spans`` caches their headers);
-    other formats are copied from their memory map."""
-    if ckpt.format != "safetensors":
+def _read_into(ckpt: Model, name: str, out: torch.Tensor, spans: dict[Path, dict[str, tuple[int, int]]]) -> None:
+    """Tensor ``name`` of ``ckpt`` read into ``out`` (host memory, its stored dtype). A plain
+    safetensors checkpoint is read with file reads at the tensor's offset (``spans`` caches
+    the headers); other models (``.bin`` files, LoRA experts, vocabulary-aligned views) are
+    copied from what ``get`` returns."""
+    if not isinstance(ckpt, Checkpoint) or ckpt.format != "safetensors":
         out.copy_(ckpt.get(name))
         return
     path = ckpt.path / ckpt.info(name).file
@@ -406,25 +415,38 @@ def build_basis(
     cache_dir: str | Path,
     settings: BasisSettings = BasisSettings(),
     extra_members: Sequence[tuple[str, str | Path]] = (),
+    progress: Progress = SILENT,
 ) -> Basis:
     """Open base, experts and ``extra_members`` ((label, checkpoint folder) pairs, e.g.
     ("merge:ties", path), held like experts), write (or reuse) the experts' DARE masks,
     return the basis. Coefficients index [base, experts..., dare..., extras...]."""
-    base_ck = Checkpoint(base, name=str(base))
-    expert_cks = [Checkpoint(e, name=str(e)) for e in experts]
+    base_ck = open_model(base, name=str(base))
+    expert_cks = [open_model(e, name=str(e), base=base_ck) for e in experts]
+    base_ck, expert_cks = align_vocabularies(base_ck, expert_cks, settings.tokenizer_source)
     extra_cks = [Checkpoint(path, name=label) for label, path in extra_members]
     labels = (["base"] + [f"expert:{Path(e).name}" for e in experts] + [f"dare:{Path(e).name}" for e in experts]
               + [label for label, _ in extra_members])
-    extra_labels = [label for label, _ in extra_members]
-    for label in extra_labels:
+    for label, _ in extra_members:
         if labels.count(label) > 1:
             raise ConfigError(f"basis member label {label!r} is used twice; extra members need distinct labels")
     check_compatible(base_ck, expert_cks + extra_cks)
     fps = [c.fingerprint() for c in (base_ck, *expert_cks, *extra_cks)]
+    model_dir = None
+    if isinstance(base_ck, AlignedModel):  # resident models load the base with the shared vocabulary
+        model_dir = Path(cache_dir) / f"base-{digest([fps[: 1 + len(experts)], settings.tokenizer_source], 12)}"
+        if not (model_dir / "config.json").exists():
+            write_checkpoint(model_dir, base_ck, lambda name: None)
     names = floating_names(base_ck)
-    masks = [dare_masks_for(cache_dir, e, names, fps[0], fps[1 + i], settings.drop_rate, settings.seed)
-             for i, e in enumerate(expert_cks)]
+    masks = []
+    for i, expert in enumerate(expert_cks):
+        task = progress.start(f"DARE masks of {expert.name} (p={settings.drop_rate})", len(names))
+        try:
+            masks.append(dare_masks_for(cache_dir, expert, names, fps[0], fps[1 + i], settings.drop_rate,
+                                        settings.seed, on_tensor=lambda _: task.advance()))
+        finally:
+            task.close()
     fingerprint = digest({"members": fps, "experts": len(expert_cks), "drop_rate": settings.drop_rate,
-                          "seed": settings.seed, "dare": "mask", "layout": settings.storage}, 12)
+                          "seed": settings.seed, "tokenizer_source": settings.tokenizer_source, "dare": "mask",
+                          "layout": settings.storage}, 12)
     return Basis([base_ck, *expert_cks, *extra_cks], masks, labels, fingerprint, settings.granularity,
-                 settings.storage)
+                 settings.storage, model_dir=model_dir)

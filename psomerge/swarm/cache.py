@@ -57,7 +57,13 @@ class FitnessCache:
         return CachedFitness(value["fitness"], value["scores"], value["meta"])
 
     def put(self, key: str, value: CachedFitness) -> None:
+        """Store a result; a key already there keeps its first value (results are deterministic)."""
         self._store.put(key, {"fitness": value.fitness, "scores": value.scores, "meta": value.meta})
+
+    def put_latest(self, key: str, value: CachedFitness) -> None:
+        """Store a result, replacing an older one (a partial result that grew, or an entry
+        written before per-example values were kept)."""
+        self._store.replace(key, {"fitness": value.fitness, "scores": value.scores, "meta": value.meta})
 
     def __len__(self) -> int:
         return len(self._store)

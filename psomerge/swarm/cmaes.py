@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import pickle
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -34,25 +35,37 @@ class CMAES(Optimizer):
 
     name = "cmaes"
 
-    def __init__(self, k: int, groups: int, settings: CMAESSettings = CMAESSettings()):
+    def __init__(self, k: int, groups: int, settings: CMAESSettings = CMAESSettings(),
+                 starts: Sequence[np.ndarray] = ()):
         super().__init__(k, groups, settings.seed)
+        self.settings = settings.resolved(k)
+        self.starts = [np.asarray(x, dtype=np.float64) for x in starts]
+        self.es = None if self.starts else self._strategy(np.full(groups * k, 1.0 / k))
+
+    def _strategy(self, x0: np.ndarray):
         import cma
 
-        self.settings = config = settings.resolved(k)
-        x0 = np.full(groups * k, 1.0 / k)
+        config = self.settings
         opts = {"popsize": config.popsize, "seed": config.seed + 1, "verbose": -9,
                 "randn": _SeededRandn(config.seed), "CMA_diagonal": False}
-        self.es = cma.CMAEvolutionStrategy(x0, config.sigma0, opts)
+        return cma.CMAEvolutionStrategy(x0, config.sigma0, opts)
 
     def _project(self, flat: np.ndarray) -> np.ndarray:
         x = flat.reshape(self.groups, self.k)
         return x + (1.0 - x.sum(axis=1, keepdims=True)) / self.k
 
     def ask(self) -> list[np.ndarray]:
+        if self.es is None:  # warm starts first: the search then starts at the best of them
+            self._asked = list(self.starts)
+            return self._asked
         self._raw = self.es.ask()
-        return [self._project(np.asarray(r)) for r in self._raw]
+        self._asked = [self._project(np.asarray(r)) for r in self._raw]
+        return self._asked
 
     def _tell(self, positions, fitness):
+        if self.es is None:
+            self.es = self._strategy(positions[int(np.argmax(fitness))].reshape(-1))
+            return
         self.es.tell(self._raw, (-fitness).tolist())  # cma minimises
 
     def done(self) -> bool:
@@ -60,10 +73,11 @@ class CMAES(Optimizer):
 
     def _extra_state(self):
         # CMA's covariance state has no JSON form; for G*K coefficients its pickle is a few KB
-        return {"cma": base64.b64encode(pickle.dumps(self.es)).decode(), "config": self.settings.model_dump()}
+        cma_state = base64.b64encode(pickle.dumps(self.es)).decode() if self.es is not None else None
+        return {"cma": cma_state, "config": self.settings.model_dump()}
 
     def _load_extra(self, state):
-        self.es = pickle.loads(base64.b64decode(state["cma"]))
+        self.es = pickle.loads(base64.b64decode(state["cma"])) if state["cma"] is not None else None
 
 
 class _SeededRandn:

@@ -1,8 +1,10 @@
 """Scores of particles and checkpoints on the eval suites' splits: cache look-up, else
 materialise into a resident model, generate and score.
 
-Fitness is the weighted mean score on the optimisation split. The held-out split is read
-only through ``evaluate(..., "heldout")``, which only the final evaluation calls.
+Fitness is the weighted mean of the suites' fitness objective on the optimisation split
+(the judge, or the judge mixed with smooth likelihood terms), optionally raced against a
+target (``racing.py``). Report rows use the judge on every split through ``evaluate``; the
+held-out split is read only there, by the final evaluation.
 
 Resident models (generators) are pooled: a scoring call borrows a free one, or opens one with
 ``open_generator`` when all are busy, and returns it afterwards. So there are as many
@@ -20,19 +22,30 @@ from pathlib import Path
 
 import numpy as np
 
-from psomerge.evaluation import EvalResult, EvalSuite, Split, evaluate
+from psomerge.evaluation import EvalResult, EvalSuite, Split, evaluate, weighted_mean
 from psomerge.generation import Generator
 from psomerge.hashing import digest
 from psomerge.io import Checkpoint, check_compatible
+from psomerge.progress import SILENT, Progress
 from psomerge.swarm.basis import Basis
 from psomerge.swarm.cache import CachedFitness, FitnessCache, checkpoint_key, particle_key
 from psomerge.swarm.materialise import writable_tensors
+from psomerge.swarm.racing import RacingSettings, estimate, should_stop
 
 
-def evaluation_fingerprint(suites: Sequence[EvalSuite], generation_config: dict) -> str:
-    """What a score was measured on and how: suites (data, split, scorer, weight) and the
-    generation settings."""
-    return digest([[s.fingerprint(), s.weight] for s in suites] + [generation_config])
+def evaluation_fingerprint(suites: Sequence[EvalSuite], generation_config: dict, objective: str = "judge") -> str:
+    """What a score was measured on and how: suites (data, splits, scorer or fitness terms,
+    weight) and the generation settings."""
+    return digest([[s.fingerprint(objective), s.weight] for s in suites] + [generation_config])
+
+
+@dataclass(frozen=True)
+class Race:
+    """What a raced particle must beat: a fitness, and the particle that holds it (whose
+    per-example values, when cached, make the comparison paired)."""
+
+    target: float
+    holder: np.ndarray | None = None
 
 
 @dataclass
@@ -50,10 +63,14 @@ def load_particle(generator: Generator, basis: Basis, coeffs: np.ndarray) -> Non
 
 class ParticleEvaluator:
     def __init__(self, basis: Basis, suites: Sequence[EvalSuite], cache: FitnessCache | None,
-                 open_generator: Callable[[], Generator], generation_config: dict):
+                 open_generator: Callable[[], Generator], generation_config: dict,
+                 racing: RacingSettings | None = None, progress: Progress = SILENT):
         self.basis, self.suites, self.cache = basis, list(suites), cache
+        self.progress = progress
         self.open_generator = open_generator
-        self.fingerprint = evaluation_fingerprint(self.suites, generation_config)
+        self.racing = racing
+        self.fingerprint = evaluation_fingerprint(self.suites, generation_config)  # report rows: the judges
+        self.fitness_fingerprint = evaluation_fingerprint(self.suites, generation_config, "fitness")
         self.counts = FitnessCounts()
         self._lock = threading.Lock()
         self._free: list[Generator] = []
@@ -85,36 +102,89 @@ class ParticleEvaluator:
             r.close()
 
     def key(self, coeffs: np.ndarray, split: Split = "optimisation") -> str:
+        """Cache key of a particle's judge scores on a split (report rows)."""
         return particle_key(self.basis.fingerprint, coeffs, self.fingerprint, split)
 
-    def __call__(self, coeffs: np.ndarray) -> CachedFitness:
-        """The particle's fitness (optimisation split), counted as one fitness call."""
-        key = self.key(coeffs)
+    def fitness_key(self, coeffs: np.ndarray) -> str:
+        return particle_key(self.basis.fingerprint, coeffs, self.fitness_fingerprint)
+
+    def __call__(self, coeffs: np.ndarray, race: Race | None = None) -> CachedFitness:
+        """The particle's fitness (optimisation split), counted as one fitness call; raced
+        against ``race`` when racing is on (then possibly an estimate, flagged ``raced``)."""
+        key = self.fitness_key(coeffs)
         hit = self.cache.get(key) if self.cache is not None else None
         with self._lock:
             self.counts.calls += 1
             self.counts.cache_hits += hit is not None
         if hit is not None:
             return hit
+        racing = self.racing is not None and race is not None and np.isfinite(race.target)
         with self.resident() as r:
             load_particle(r, self.basis, coeffs)
-            result = evaluate(r, self.suites, "optimisation")
+            if racing:
+                value, complete, scored = self._race(r, key, race)
+            else:
+                result = evaluate(r, self.suites, "optimisation", "fitness")
+                value, complete, scored = self._fitness(result), True, result.num_examples
         with self._lock:
             self.counts.scorings += 1
-            self.counts.examples_scored += result.num_examples
-        value = CachedFitness(result.fitness, result.scores, {"examples": result.num_examples})
-        if self.cache is not None:
+            self.counts.examples_scored += scored
+        if complete and self.cache is not None:
             self.cache.put(key, value)
         return value
+
+    def _fitness(self, result: EvalResult) -> CachedFitness:
+        return CachedFitness(result.fitness, result.scores, {"examples": result.num_examples, "scored": result.scored})
+
+    def _race(self, resident: Generator, key: str, race: Race) -> tuple[CachedFitness, bool, int]:
+        """Score chunk after chunk until the particle is complete or cannot beat the target.
+        Returns (fitness, complete, examples scored by this call); a partial result is kept
+        so a later request continues where this one stopped."""
+        settings = self.racing
+        sizes = {s.name: len(s.split("optimisation")) for s in self.suites}
+        weights = {s.name: s.weight for s in self.suites}
+        partial = self.cache.get(key + ":partial") if self.cache is not None else None
+        seen: dict[str, list[float]] = {s: list(partial.meta["scored"][s]) if partial else [] for s in sizes}
+        holder = self.cache.get(self.fitness_key(race.holder)) if self.cache is not None and race.holder is not None \
+            else None
+        target_values = holder.meta.get("scored") if holder is not None else None
+        scored = 0
+        while not should_stop(seen, sizes, weights, race.target, target_values, settings):
+            select = {s: range(len(seen[s]), min(len(seen[s]) + settings.chunk, sizes[s])) for s in sizes}
+            if not any(select.values()):
+                break
+            result = evaluate(resident, self.suites, "optimisation", "fitness", select)
+            for s in sizes:
+                seen[s] += result.scored[s]
+            scored += result.num_examples
+        complete = all(len(seen[s]) == sizes[s] for s in sizes)
+        means = {s: sum(v) / len(v) if v else 0.0 for s, v in seen.items()}
+        n = sum(len(v) for v in seen.values())
+        if complete:
+            return CachedFitness(weighted_mean(means, self.suites), means, {"examples": n, "scored": seen}), True, scored
+        if target_values is not None:
+            fitness, _ = estimate(seen, sizes, weights, target_values, race.target)
+        else:
+            fitness = weighted_mean(means, self.suites)
+        if self.cache is not None:
+            self.cache.put_latest(key + ":partial", CachedFitness(fitness, means, {"examples": n, "scored": seen}))
+        return CachedFitness(fitness, means, {"examples": n, "scored": seen, "raced": True}), False, scored
 
     def evaluate(self, coeffs: np.ndarray, split: Split) -> EvalResult:
         """Scores of a particle on a split, cached like fitness (not counted as a fitness call)."""
         def compute() -> EvalResult:
             with self.resident() as r:
                 load_particle(r, self.basis, coeffs)
-                return evaluate(r, self.suites, split)
+                return self._evaluate_split(r, split)
 
         return self._cached(self.key(coeffs, split), compute)
+
+    def _evaluate_split(self, resident: Generator, split: Split) -> EvalResult:
+        task = self.progress.start(f"scoring the {split} split", sum(len(s.split(split)) for s in self.suites))
+        try:
+            return evaluate(resident, self.suites, split, progress=task)
+        finally:
+            task.close()
 
     def evaluate_checkpoint(self, model_dir: str | Path, split: Split) -> EvalResult:
         """Scores of a checkpoint folder (e.g. a static merge) on a split, loaded into a
@@ -129,15 +199,15 @@ class ParticleEvaluator:
                     if name in target:
                         target[name].copy_(ckpt.get(name))
                 r.weights_changed()
-                return evaluate(r, self.suites, split)
+                return self._evaluate_split(r, split)
 
         return self._cached(checkpoint_key(ckpt.fingerprint(), self.fingerprint, split), compute)
 
     def _cached(self, key: str, compute: Callable[[], EvalResult]) -> EvalResult:
         hit = self.cache.get(key) if self.cache is not None else None
-        if hit is not None:
-            return EvalResult(hit.scores, hit.fitness, int(hit.meta.get("examples", 0)))
+        if hit is not None and "scored" in hit.meta:  # older entries lack per-example values: recompute
+            return EvalResult(hit.scores, hit.fitness, int(hit.meta.get("examples", 0)), hit.meta["scored"])
         result = compute()
         if self.cache is not None:
-            self.cache.put(key, CachedFitness(result.fitness, result.scores, {"examples": result.num_examples}))
+            self.cache.put_latest(key, self._fitness(result))
         return result

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 
 from psomerge.errors import CheckpointError
 from psomerge.hashing import digest
-from psomerge.io import Checkpoint, StreamingSafetensorsWriter, check_finite
+from psomerge.io import Model, StreamingSafetensorsWriter, check_finite
 from psomerge.io.checkpoint import SAFETENSORS_SINGLE, read_safetensors_header
 from psomerge.merging.sparsify import dare_mask
 from psomerge.merging.task_vectors import generator
@@ -120,26 +120,27 @@ def mask_key(base_fingerprint: str, expert_fingerprint: str, drop_rate: float, s
 
 def dare_masks_for(
     cache_dir: str | Path,
-    expert: Checkpoint,
+    expert: Model,
     names: Sequence[str],
     base_fingerprint: str,
     expert_fingerprint: str,
     drop_rate: float,
     seed: int,
+    on_tensor: Callable[[str], None] | None = None,
 ) -> DareMask:
     """The expert's DARE masks, written under ``cache_dir`` the first time (one folder per
     (base, expert, p, seed)) and reused after."""
     folder = Path(cache_dir) / f"mask-{mask_key(base_fingerprint, expert_fingerprint, drop_rate, seed)}"
     if not (folder / MASK_FILE).exists():
         log.info("writing DARE masks (p=%.2f) of %s to %s", drop_rate, expert.name, folder)
-        _write_masks(folder, expert, names, expert_fingerprint, drop_rate, seed)
+        _write_masks(folder, expert, names, expert_fingerprint, drop_rate, seed, on_tensor)
     mask = DareMask(folder, drop_rate, f"dare({expert.name})")
     mask.check({n: expert.info(n).shape for n in names})
     return mask
 
 
-def _write_masks(folder: Path, expert: Checkpoint, names: Sequence[str], tag: str, drop_rate: float,
-                 seed: int) -> None:
+def _write_masks(folder: Path, expert: Model, names: Sequence[str], tag: str, drop_rate: float,
+                 seed: int, on_tensor: Callable[[str], None] | None) -> None:
     """Stage the mask file beside ``folder`` and rename it into place when complete; a
     concurrent writer of the same masks (another worker) wins or loses the rename harmlessly."""
     plan = [(n, (packed_size(expert.info(n).numel),), torch.uint8) for n in names]
@@ -151,6 +152,8 @@ def _write_masks(folder: Path, expert: Checkpoint, names: Sequence[str], tag: st
                 check_finite(expert.get(name), expert.name, name)  # as the dense DARE writer did
                 writer.write(name, pack_bits(dare_mask(expert.info(name).shape, drop_rate,
                                                        generator(seed, tag, name))))
+                if on_tensor:
+                    on_tensor(name)
         expert.close()
         (staging / SAFETENSORS_SINGLE).rename(staging / MASK_FILE)
         (staging / META_FILE).write_text(json.dumps(

@@ -3,6 +3,7 @@ a decaying step length and patience restarts."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -30,8 +31,8 @@ class ModelSwarms(SwarmOptimizer):
 
     name = "model_swarms"
 
-    def __init__(self, k: int, groups: int, settings: ModelSwarmsSettings = ModelSwarmsSettings()):
-        super().__init__(k, groups, settings)
+    def __init__(self, k: int, groups: int, settings: ModelSwarmsSettings = ModelSwarmsSettings(), starts: Sequence[np.ndarray] = ()):
+        super().__init__(k, groups, settings, starts)
         n = len(self.x)
         phi = self.rng.random((n, 4))
         self.phi = phi / phi.sum(axis=1, keepdims=True)

@@ -10,6 +10,7 @@ would have asked for (those scored before a crash come back from the fitness cac
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,14 @@ class Optimizer(ABC):
     @abstractmethod
     def done(self) -> bool: ...
 
+    def targets(self) -> list[tuple[float, np.ndarray] | None]:
+        """For each position of the last ``ask()``: the fitness it must beat to change this
+        optimiser's decisions and the position holding it (racing stops a particle that
+        cannot), or None where every fitness matters (e.g. CMA-ES ranks all of them)."""
+        return [None] * len(self._asked)
+
+    _asked: list[np.ndarray] = []
+
     def tell(self, positions: list[np.ndarray], fitness: list[float]) -> None:
         f = np.asarray(fitness, dtype=np.float64)
         i = int(np.argmax(f))
@@ -120,10 +129,12 @@ class SwarmOptimizer(Optimizer):
 
     settings: SwarmSettings
 
-    def __init__(self, k: int, groups: int, settings: SwarmSettings):
+    def __init__(self, k: int, groups: int, settings: SwarmSettings, starts: Sequence[np.ndarray] = ()):
         super().__init__(k, groups, settings.seed)
         self.settings = settings
         self.x = initial_positions(k, groups, settings.extra_particles, self.rng)
+        if len(starts):  # warm starts: more particles, at given positions
+            self.x = np.concatenate([self.x, np.stack([np.asarray(x, dtype=np.float64) for x in starts])])
         self.v = np.zeros_like(self.x)
         self.pbest = self.x.copy()
         self.pbest_fitness = np.full(len(self.x), -np.inf)
@@ -134,7 +145,13 @@ class SwarmOptimizer(Optimizer):
 
     def ask(self) -> list[np.ndarray]:
         self._pending = self._move() if self.step > 0 else (self.x, self.v)
-        return list(self._pending[0])
+        self._asked = list(self._pending[0])
+        return self._asked
+
+    def targets(self) -> list[tuple[float, np.ndarray] | None]:
+        """Each particle must beat its personal best: nothing else of its fitness is used by
+        PSO (Model Swarms also reads the worst particle, for which an estimate suffices)."""
+        return [(float(f), p) if np.isfinite(f) else None for f, p in zip(self.pbest_fitness, self.pbest)]
 
     def _tell(self, positions, fitness):
         self.x, self.v = self._pending

@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
+
 from psomerge.swarm.cmaes import CMAES, CMAESSettings
 from psomerge.swarm.model_swarms import ModelSwarms, ModelSwarmsSettings
 from psomerge.swarm.optimizer import Optimizer
 from psomerge.swarm.pso import PSOMerging, PSOSettings
+from psomerge.swarm.random_search import RandomSearch, RandomSearchSettings
+from psomerge.swarm.scale_grid import ScaleGrid, ScaleGridSettings
 from psomerge.yamlconfig import tagged_union
 
 OPTIMIZERS = {
     "pso": (PSOSettings, PSOMerging),
     "model_swarms": (ModelSwarmsSettings, ModelSwarms),
     "cmaes": (CMAESSettings, CMAES),
+    "random": (RandomSearchSettings, RandomSearch),
+    "ta_grid": (ScaleGridSettings, ScaleGrid),
 }
 
 OptimizerChoice = tagged_union({name: settings for name, (settings, _) in OPTIMIZERS.items()}, default="pso")
 
 
-def make_optimizer(settings: PSOSettings | ModelSwarmsSettings | CMAESSettings, k: int, groups: int) -> Optimizer:
-    """The optimiser ``settings`` name, over K basis members in G coefficient groups."""
-    return OPTIMIZERS[settings.type][1](k, groups, settings)
+def make_optimizer(settings, k: int, groups: int, *, n_experts: int,
+                   starts: Sequence[np.ndarray] = ()) -> Optimizer:
+    """The optimiser ``settings`` name, over K basis members in G coefficient groups, with
+    extra starting positions (warm starts)."""
+    cls = OPTIMIZERS[settings.type][1]
+    if cls is ScaleGrid:  # searches one scale of task arithmetic: warm starts do not apply
+        return ScaleGrid(k, groups, settings, n_experts=n_experts)
+    return cls(k, groups, settings, starts)

@@ -22,7 +22,7 @@ import torch
 
 from psomerge.errors import ConfigError
 from psomerge.generation.settings import TransformersSettings, VLLMSettings
-from psomerge.io import Checkpoint, check_compatible
+from psomerge.io import Checkpoint, Model, align_vocabularies, check_compatible, open_model
 from psomerge.io.checkpoint import DTYPES
 from psomerge.io.layout import itemsize
 from psomerge.swarm.basis import BasisSettings, floating_names
@@ -60,7 +60,7 @@ class ModelSize:
     dtype: torch.dtype  # the dtype most entries are stored in
 
     @classmethod
-    def of(cls, ckpt: Checkpoint) -> "ModelSize":
+    def of(cls, ckpt: Model) -> "ModelSize":
         infos = [ckpt.info(n) for n in floating_names(ckpt)]
         return cls(ckpt.name, sum(i.numel * itemsize(i.dtype) for i in infos), sum(i.numel for i in infos),
                    sum(packed_size(i.numel) for i in infos), max((i.numel for i in infos), default=0), ckpt.dtype)
@@ -122,17 +122,21 @@ def plan_memory(
     host_memory: int | None = None,
     *,
     extra_members: Sequence[tuple[str, str | Path]] = (),
+    planned_extras: int = 0,
     judge_servers: Sequence[tuple[str, float]] = (),
     prompt_tokens: int = 512,
 ) -> MemoryPlan:
     """The plan for one run on a GPU of ``gpu_memory`` bytes (and, when given, a host of
-    ``host_memory``): only headers and config.json files are read. ``judge_servers``: (suite,
-    memory_fraction) of each vLLM judge server the run starts on the GPU."""
-    base_ck = Checkpoint(base, name=str(base))
-    others = [Checkpoint(e, name=str(e)) for e in experts] + [Checkpoint(p, name=lbl) for lbl, p in extra_members]
-    check_compatible(base_ck, others)
+    ``host_memory``): only headers, adapter and tokenizer configs are read. ``planned_extras``:
+    extra members not written yet (warm-start static merges, stored like the base);
+    ``judge_servers``: (suite, memory_fraction) of each vLLM judge server the run starts on the GPU."""
+    base_ck = open_model(base, name=str(base))
+    experts_ck = [open_model(e, name=str(e), base=base_ck) for e in experts]
+    base_ck, experts_ck = align_vocabularies(base_ck, experts_ck, basis.tokenizer_source)
+    extras = [Checkpoint(p, name=lbl) for lbl, p in extra_members]
+    check_compatible(base_ck, experts_ck + extras)
     ref = ModelSize.of(base_ck)
-    dense = [ref, *(ModelSize.of(c) for c in others)]
+    dense = [ref, *(ModelSize.of(c) for c in experts_ck + extras), *[ref] * planned_extras]
     n, k = len(experts), len(dense) + len(experts)
     plan = MemoryPlan([], {GPU: gpu_memory, HOST: host_memory}, "")
     _place_members(plan, basis, dense, n, k, ref)

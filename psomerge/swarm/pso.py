@@ -9,6 +9,7 @@ models' weights (see docs in README, "Why coefficient space is exact").
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -61,8 +62,8 @@ class PSOMerging(SwarmOptimizer):
 
     name = "pso"
 
-    def __init__(self, k: int, groups: int, settings: PSOSettings = PSOSettings()):
-        super().__init__(k, groups, settings)
+    def __init__(self, k: int, groups: int, settings: PSOSettings = PSOSettings(), starts: Sequence[np.ndarray] = ()):
+        super().__init__(k, groups, settings, starts)
 
     def _move(self):
         c = self.settings

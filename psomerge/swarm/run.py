@@ -59,22 +59,23 @@ def run_optimizer(
     *,
     checkpoint: Path | None = None,
     resume: bool = False,
-    evaluate_batch: Callable[[list[np.ndarray]], list[CachedFitness]] | None = None,
+    evaluate_batch: Callable[[list[np.ndarray], list], list[CachedFitness]] | None = None,
     on_step: Callable[[StepReport], None] | None = None,
     counts: Callable[[], dict[str, int]] | None = None,
     checkpoint_extra: Callable[[], dict[str, Any]] | None = None,
 ) -> SwarmResult:
-    """Ask, score, tell until done. ``evaluate_batch`` may score a step's particles
-    concurrently; by default they are scored one after another with ``fitness``."""
+    """Ask, score, tell until done. ``evaluate_batch(positions, targets)`` may score a step's
+    particles concurrently and race them against the optimiser's ``targets()``; by default
+    they are scored one after another with ``fitness``."""
     best_scores: dict[str, float] = {}
     if resume and checkpoint is not None and checkpoint.exists():
         state = load_checkpoint(checkpoint)
         optimizer.load_state_dict(state["optimizer_state"])
         best_scores = state.get("best_scores", {})
-    score_all = evaluate_batch or (lambda xs: [fitness(x) for x in xs])
+    score_all = evaluate_batch or (lambda xs, _: [fitness(x) for x in xs])
     while not optimizer.done():
         positions = optimizer.ask()
-        results = score_all(positions)
+        results = score_all(positions, optimizer.targets())
         previous_best = optimizer.best_fitness
         optimizer.tell(positions, [r.fitness for r in results])
         if optimizer.best_fitness > previous_best:

@@ -1,0 +1,247 @@
+"""Budget study: held-out quality of each search at about 40, 100 and 200 fitness
+evaluations, beside every static merge and every expert, on a preset's experts.
+
+Each (method, seed) runs once to the largest budget; its result at a smaller budget is what
+it had found within that many evaluations (every search here is anytime: PSO, Model Swarms,
+CMA-ES and random search by construction, the task-arithmetic grid because it visits its
+points coarse to fine). An evaluation is a distinct particle this run asked for, whether the
+shared cache had it or not, so seeds and methods are charged alike. Methods:
+
+  paper         PSO-Merging as published (2N+1 one-hot particles, w=0.2, c1=c2=2, the judge)
+  psomerge      psomerge's default search (preset psomerge: warm starts, racing, model
+                selection on the validation split)
+  model_swarms  Model Swarms, cmaes  CMA-ES, random  random search, ta_grid  task-arithmetic
+                scale grid (these four with the same fitness as paper, no warm start)
+
+Usage: .venv/bin/python benchmarks/search_quality.py --preset tiny [--methods paper,psomerge]
+       [--budgets 40,100,200] [--seeds 3] [--json out.json]
+The held-out split is read only by the final evaluation of each result; nothing is tuned on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from psomerge.orchestration.settings import apply_defaults  # noqa: E402
+
+apply_defaults()
+
+from psomerge.evaluation.statistics import bootstrap, paired_bootstrap  # noqa: E402
+from psomerge.paths import data_dir  # noqa: E402
+from psomerge.pipeline import InProcessScoring, RunContext, run_pipeline  # noqa: E402
+from psomerge.swarm import member_coefficients  # noqa: E402
+from psomerge.swarm.selection import choose, distinct_best  # noqa: E402
+
+METHODS = ("paper", "psomerge", "model_swarms", "cmaes", "random", "ta_grid")
+
+
+@dataclass
+class Evaluation:
+    position: np.ndarray
+    fitness: float
+    examples: int
+    raced: bool
+
+
+@dataclass
+class Recorder(InProcessScoring):
+    """InProcessScoring that records every distinct particle a run asks for, in order."""
+
+    log: list[Evaluation] = field(default_factory=list)
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        self.log = []
+        self._seen: set[str] = set()
+
+    def score(self, positions, targets):
+        results = super().score(positions, targets)
+        for x, r in zip(positions, results):
+            key = self.context.evaluator.fitness_key(x)
+            if key in self._seen:
+                continue  # a particle asked for again (PSO's global best standing still) costs nothing
+            self._seen.add(key)
+            cached = self.context.evaluator.cache.get(key)
+            examples = r.examples if r.scored else int(cached.meta.get("examples", 0)) if cached else 0
+            self.log.append(Evaluation(np.asarray(x), r.fitness, examples, r.raced))
+        return results
+
+    def close(self):
+        pass  # the context is shared by every run of the study
+
+
+def method_config(base: dict, method: str, budget: int, seed: int) -> dict:
+    cfg = json.loads(json.dumps(base))
+    cfg["name"] = f"study-{method}-s{seed}"
+    k_steps = 1000  # budgets stop the searches, not steps
+    if method == "paper":
+        cfg.update(preset="paper", optimizer={"type": "pso", "steps": k_steps, "seed": seed})
+        for s in cfg["suites"]:
+            s.pop("fitness", None)
+    elif method == "psomerge":
+        cfg.setdefault("optimizer", {})
+        cfg["optimizer"] = {**cfg["optimizer"], "steps": k_steps, "seed": seed}
+    else:
+        optimizer = {"model_swarms": {"type": "model_swarms", "steps": k_steps, "early_stop": 10**6},
+                     "cmaes": {"type": "cmaes", "budget": budget}, "random": {"type": "random", "budget": budget},
+                     "ta_grid": {"type": "ta_grid", "budget": budget}}[method]
+        cfg.update(preset="paper" if method == "model_swarms" else "psomerge",
+                   optimizer={**optimizer, "seed": seed})
+        if method != "model_swarms":
+            cfg.update(warm_start=None, racing=None, selection=None)
+        for s in cfg["suites"]:
+            s.pop("fitness", None)
+    return cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", choices=("tiny", "smollm2"), default="tiny")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--budgets", default="40,100,200")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    budgets = [int(b) for b in args.budgets.split(",")]
+    from psomerge.config import RunConfig
+    from psomerge.presets.smollm2 import SmolSpec, build_smollm2, smollm2_run_config
+    from psomerge.presets.tiny import build_tiny, tiny_run_config
+
+    if args.preset == "tiny":
+        base = tiny_run_config(build_tiny(data_dir())).model_dump(mode="json")
+    else:
+        base = smollm2_run_config(build_smollm2(data_dir(), SmolSpec())).model_dump(mode="json")
+    max_budget = max(budgets)
+    results: dict = {"preset": args.preset, "budgets": budgets, "seeds": args.seeds, "methods": {}, "rows": {}}
+    contexts: dict[str, RunContext] = {}
+    reference = None
+    for method in args.methods.split(","):
+        for seed in range(args.seeds):
+            if method == "ta_grid" and seed > 0:
+                continue  # deterministic: one run
+            cfg = RunConfig.from_dict(method_config(base, method, max_budget, seed), source=f"<study {method}>")
+            key = cfg.model_dump_json(include={"base", "experts", "suites", "basis", "generation", "warm_start", "racing"})
+            if key not in contexts:
+                contexts[key] = RunContext(cfg)
+            ctx = contexts[key]
+            reference = reference or ctx
+            recorder = Recorder(cfg, ctx)
+            started = time.perf_counter()
+            _run_until(cfg, recorder, max_budget)
+            seconds = time.perf_counter() - started
+            for b in budgets:
+                within = recorder.log[:b]
+                chosen = _choose(cfg, ctx, within)
+                held = ctx.evaluator.evaluate(chosen, "heldout")
+                entry = results["methods"].setdefault(method, {}).setdefault(str(b), [])
+                entry.append({"seed": seed, "heldout": held.fitness, "scores": held.scores, "scored": held.scored,
+                              "evaluations": len(within), "examples": sum(e.examples for e in within),
+                              "search_fitness": max((e.fitness for e in within if not e.raced), default=None),
+                              "coefficients": chosen.tolist(), "seconds": seconds})
+            print(f"{method:13s} seed {seed}: " + "  ".join(
+                f"@{b}: {results['methods'][method][str(b)][-1]['heldout']:.3f}" for b in budgets)
+                + f"  ({seconds:.0f}s, {len(recorder.log)} evaluations)", flush=True)
+    _reference_rows(results, reference, base)
+    print_table(results, reference)
+    if args.json:
+        args.json.write_text(json.dumps(results))
+
+
+def _run_until(cfg, recorder: Recorder, budget: int) -> None:
+    """Run the search until it has asked for ``budget`` distinct particles."""
+    class Enough(Exception):
+        pass
+
+    original = recorder.score
+
+    def score(positions, targets):
+        results = original(positions, targets)
+        if len(recorder.log) >= budget:
+            raise Enough
+        return results
+
+    recorder.score = score
+    try:
+        run_pipeline(cfg, scoring=recorder, evaluate_heldout=False)
+    except Enough:
+        pass
+    finally:
+        recorder.score = original
+
+
+def _choose(cfg, ctx: RunContext, within: list[Evaluation]) -> np.ndarray:
+    """What the method returns at this budget: its best particle by search fitness, or, with
+    model selection, the best on the validation split among its best and its best warm start."""
+    complete = [(e.position, e.fitness) for e in within if not e.raced]
+    if cfg.selection is None or not ctx.has_validation:
+        return max(complete, key=lambda e: e[1])[0]
+    picked = [complete[i] for i in distinct_best(complete, cfg.selection.candidates)]
+    if cfg.warm_start is not None and cfg.selection.include_start:
+        from psomerge.swarm.warm_start import linear_starts
+
+        info = ctx.info()
+        starts = linear_starts(cfg.warm_start, info.k, info.groups, info.n_experts)
+        starts += [member_coefficients(info.k, info.groups, j) for j in range(1 + 2 * info.n_experts, info.k)]
+        at_starts = [e for e in complete if any(np.allclose(e[0], s) for s in starts)]
+        if at_starts:
+            picked.append(max(at_starts, key=lambda e: e[1]))
+    validation = [ctx.evaluator.evaluate(x, "validation").fitness for x, _ in picked]
+    return picked[choose([f for _, f in picked], validation)][0]
+
+
+def _reference_rows(results: dict, ctx: RunContext, base: dict) -> None:
+    """Base, experts and every static merge, held out."""
+    info = ctx.info()
+    for j, label in enumerate(info.labels[: 1 + info.n_experts]):
+        r = ctx.evaluator.evaluate(member_coefficients(info.k, info.groups, j), "heldout")
+        results["rows"][label] = {"heldout": r.fitness, "scores": r.scores, "scored": r.scored}
+    for name in base.get("baselines", []):
+        r = ctx.baseline(name).heldout
+        results["rows"][name] = {"heldout": r.fitness, "scores": r.scores, "scored": r.scored}
+
+
+def print_table(results: dict, ctx: RunContext) -> None:
+    weights = {s.name: s.weight for s in ctx.suites}
+    suites = list(weights)
+    print(f"\nheld-out weighted mean, {results['preset']} preset; searches: mean over seeds (sd), 95% bootstrap "
+          "CI over examples of the seed-averaged scores; evaluations and examples scored (mean over seeds)")
+    print(f"{'row':22s} {'budget':>6s} " + " ".join(f"{s:>10s}" for s in suites)
+          + f" {'mean':>7s} {'sd':>6s} {'95% CI':>15s} {'evals':>6s} {'examples':>9s}")
+    for label, r in results["rows"].items():
+        ci = bootstrap(r["scored"], weights)
+        print(f"{label:22s} {'':>6s} " + " ".join(f"{r['scores'][s]:10.3f}" for s in suites)
+              + f" {r['heldout']:7.3f} {'':>6s} [{ci.low:.3f}, {ci.high:.3f}]")
+    best_static = max((lbl for lbl in results["rows"] if not lbl.startswith(("expert:", "base"))),
+                      key=lambda lbl: results["rows"][lbl]["heldout"], default=None)
+    best_expert = max((lbl for lbl in results["rows"] if lbl.startswith("expert:")),
+                      key=lambda lbl: results["rows"][lbl]["heldout"])
+    for method, by_budget in results["methods"].items():
+        for b, runs in by_budget.items():
+            avg = {s: np.mean([r["scored"][s] for r in runs], axis=0).tolist() for s in suites}
+            ci = bootstrap(avg, weights)
+            values = [r["heldout"] for r in runs]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            print(f"{method:22s} {b:>6s} " + " ".join(f"{np.mean(avg[s]):10.3f}" for s in suites)
+                  + f" {statistics.mean(values):7.3f} {sd:6.3f} [{ci.low:.3f}, {ci.high:.3f}]"
+                  + f" {statistics.mean(r['evaluations'] for r in runs):6.0f}"
+                  + f" {statistics.mean(r['examples'] for r in runs):9.0f}")
+            for rival in (best_static, best_expert):
+                if rival is None:
+                    continue
+                c = paired_bootstrap(avg, results["rows"][rival]["scored"], weights)
+                d = c.difference
+                print(f"{'':22s} {'':>6s}   vs {rival}: {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}], "
+                      f"P(not better) {c.p_not_better:.3f}")
+
+
+if __name__ == "__main__":
+    main()
