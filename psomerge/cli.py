@@ -305,6 +305,43 @@ def run(
     _print_summary(result)
 
 
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="run config YAML")],
+    gpu_memory: Annotated[str, typer.Option(help="memory of the GPU the run is planned for, e.g. 80GiB")],
+    host_memory: Annotated[Optional[str], typer.Option(help="host memory to check as well, e.g. 512GiB")] = None,
+    prompt_tokens: Annotated[int, typer.Option(help="prompt length for the transformers backend's activation "
+                                                    "estimate")] = 512,
+    verbose: bool = False,
+) -> None:
+    """Print what goes where (GPU, host, page cache) for the config on a GPU of that size, from
+    safetensors headers alone (no tensor is read); exit 2 when it does not fit."""
+    _setup(verbose)
+    from psomerge.config import RunConfig
+    from psomerge.judges.vllm_server import VLLMServer
+    from psomerge.swarm.plan import parse_size, plan_memory
+
+    try:
+        # planned for another host: its data files and vLLM environment need not exist here
+        cfg = RunConfig.load(config, check_paths=False)
+        servers = [(s.name, float(s.judge.serve.get("memory_fraction", VLLMServer.memory_fraction)))
+                   for s in cfg.suites if getattr(s.judge, "serve", None)]
+        memory = plan_memory(cfg.base, cfg.experts, cfg.basis, cfg.generation, parse_size(gpu_memory),
+                             parse_size(host_memory) if host_memory else None, judge_servers=servers,
+                             planned_extras=len(cfg.warm_start.members) if cfg.warm_start else 0,
+                             prompt_tokens=prompt_tokens)
+    except PsomergeError as exc:
+        _fail(exc)
+    typer.echo(f"{cfg.name}: basis.storage {cfg.basis.storage}, generation {cfg.generation.backend}")
+    for line in memory.lines():
+        typer.echo(line)
+    try:
+        memory.check()
+    except PsomergeError as exc:
+        _fail(exc)
+    typer.echo("fits")
+
+
 def _total_counts(results):
     from psomerge.pipeline import Counts
 

@@ -155,10 +155,10 @@ class RunConfig(StrictModel):
             raise ConfigError(f"{source}: a run config is a mapping (base, experts, suites, ...)")
         cfg = validate(cls, data, source)
         cfg.source = source
-        if isinstance(cfg.generation, VLLMSettings) and cfg.basis.storage == "cuda":
+        if isinstance(cfg.generation, VLLMSettings) and cfg.basis.resident_device == "cuda":
             # the particle is summed on the host into the file the engine reloads from
-            raise ConfigError(f"{source}: basis.storage: 'cuda' does not combine with generation.backend "
-                              "'vllm' (the vLLM engine owns the GPU); use ram, compact or mmap")
+            raise ConfigError(f"{source}: basis.storage: {cfg.basis.storage!r} does not combine with "
+                              "generation.backend 'vllm' (the vLLM engine owns the GPU); use ram, compact or mmap")
         if check_paths:
             cfg.check_paths()
         return cfg

@@ -180,7 +180,7 @@ class RunContext:
         extra = [(f"merge:{name}", self.static_merge(name)) for name in members]
         self.basis: Basis = build_basis(config.base, config.experts, cache_root / "basis", config.basis, extra,
                                         progress)
-        device = "cuda" if config.basis.storage == "cuda" else "cpu"
+        device = config.basis.resident_device
         self.evaluator = ParticleEvaluator(self.basis, self.suites, FitnessCache(config.fitness_cache_path()),
                                            lambda: open_generator(config.generation, self.basis.model_dir, device),
                                            config.generation.cache_config(), config.racing, progress)

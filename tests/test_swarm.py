@@ -258,7 +258,7 @@ def test_storage_layouts_agree(tmp_path, family):
     spec = BasisSettings(drop_rate=0.8, seed=2, granularity="layer")
     ram = build_basis(base, experts, tmp_path / "b", spec.model_copy(update={"storage": "compact"}))
     mapped = build_basis(base, experts, tmp_path / "b", spec.model_copy(update={"storage": "mmap"}))
-    dense = build_basis(base, experts, tmp_path / "b", spec.model_copy(update={"storage": "ram"}))
+    dense = build_basis(base, experts, tmp_path / "b", spec.model_copy(update={"storage": "ram_dense"}))
     dense_bytes = sum(ram.members[0].info(n).numel * 4 for n in ram.names) * ram.k
     assert dense.nbytes() == dense_bytes
     assert ram.nbytes() < 0.8 * dense_bytes  # DARE members held sparse

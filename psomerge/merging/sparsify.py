@@ -54,9 +54,13 @@ def dare(
         raise ValueError(f"DARE drop rate must be in [0, 1), got {drop_rate}")
     if drop_rate == 0:
         return delta
-    keep = 1.0 - drop_rate
-    mask = torch.rand(delta.shape, generator=generator) < keep
-    return _rescaled(delta, mask, keep, rescale)
+    return _rescaled(delta, dare_mask(delta.shape, drop_rate, generator), 1.0 - drop_rate, rescale)
+
+
+def dare_mask(shape: torch.Size | tuple[int, ...], drop_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE's keep-mask: True where an entry survives (probability 1 - ``drop_rate``). The one
+    draw behind ``dare`` and the swarm's packed DARE masks, so both keep the same entries."""
+    return torch.rand(shape, generator=generator) < 1.0 - drop_rate
 
 
 def della(

@@ -1,9 +1,13 @@
-"""The swarm's basis: base, experts and DARE-sparsified experts (K = 2N+1 models).
+"""The swarm's basis: base, N experts, N DARE-sparsified experts and E extra members
+(K = 2N + 1 + E models, coefficients in that order).
 
-DARE experts are written to disk once (seeded masks, streamed tensor by tensor) and reused
-when the inputs and settings match. A particle is a (G, K) coefficient matrix; it is
-materialised into one resident model in place, tensor by tensor:
-``param = sum_j alpha[g, j] * B_j``, with no second model allocated.
+A DARE member is ``theta0 + m * (theta_i - theta0) / (1 - p)``: the basis keeps its keep-mask
+``m`` (one bit per parameter, drawn once, seeded, cached on disk; ``swarm.masks``), never a
+dense copy. A particle is a (G, K) coefficient matrix; it is materialised into one resident
+model in place, tensor by tensor, reading base, experts, extras and masks once:
+with ``b_i`` the DARE coefficients and ``s_i = b_i / (1 - p)``,
+``param = (alpha_0 + sum_i b_i) theta0 + sum_i alpha_i theta_i + sum_i s_i m_i (theta_i - theta0)
++ sum_e x_e extra_e``, with no second model allocated.
 """
 
 from __future__ import annotations
@@ -19,20 +23,19 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from psomerge.errors import ConfigError
+from psomerge.errors import CheckpointError, ConfigError
 from psomerge.hashing import digest
-from psomerge.io import Checkpoint, Model, check_compatible, check_finite, open_model, write_checkpoint
+from psomerge.io import Checkpoint, Model, check_compatible, open_model, write_checkpoint
 from psomerge.io.vocab import AlignedModel, TokenizerSource, align_vocabularies
-from psomerge.merging.sparsify import dare
-from psomerge.merging.task_vectors import generator, task_vector
 from psomerge.progress import SILENT, Progress
-from psomerge.swarm.materialise import fused_sum_into, weighted_sum_into, writable_tensors
+from psomerge.swarm.masks import DareMask, dare_masks_for, tensor_spans, unpack_bits
+from psomerge.swarm.materialise import fused_sum_into, masked_sum_into, weighted_sum_into, writable_tensors
 from psomerge.yamlconfig import StrictModel
 
 log = logging.getLogger(__name__)
 
 Granularity = Literal["model", "layer", "tensor"]
-Storage = Literal["ram", "compact", "mmap", "cuda"]
+Storage = Literal["ram", "cuda", "pinned", "mmap", "ram_dense", "compact"]
 _LAYER = re.compile(r"\.layers?\.(\d+)\.|\.h\.(\d+)\.|\.blocks?\.(\d+)\.")
 
 
@@ -49,6 +52,11 @@ class BasisSettings(StrictModel):
     # experts whose tokenizers differ from the base's: one vocabulary for the basis, the
     # merged model and its tokenizer (mergekit's tokenizer_source); None: a mismatch is an error
     tokenizer_source: TokenizerSource | None = None
+
+    @property
+    def resident_device(self) -> str:
+        """Where particles are summed (and a transformers resident model lives)."""
+        return "cuda" if self.storage in ("cuda", "pinned") else "cpu"
 
 
 def tensor_groups(names: Sequence[str], granularity: Granularity) -> tuple[list[str], dict[str, int]]:
@@ -79,57 +87,101 @@ def tensor_groups(names: Sequence[str], granularity: Granularity) -> tuple[list[
     return labels, index
 
 
-class Basis:
-    """K = 2N+1 checkpoints sharing names and shapes: base, N experts, N DARE experts.
+def floating_names(ckpt: Model) -> list[str]:
+    """The tensors a particle mixes: the floating-point ones (integer buffers are copied)."""
+    return [n for n in ckpt.tensor_names if ckpt.info(n).dtype.is_floating_point]
 
-    ``storage``:
-    - ``ram`` / ``cuda``: all K members held dense in fp32 (K x 4 bytes per parameter);
-      materialisation is K fused in-place multiply-adds, the fastest layout.
-    - ``compact``: base and experts dense, each DARE expert as the indices and values of its
-      surviving delta entries (at p = 0.8, a fifth of the entries: int32 index + fp32 value =
-      1.6 bytes per parameter instead of 4). Less memory, slower scatter-adds.
-    - ``mmap``: nothing held; tensors are read from the memory-mapped safetensors files on
+
+def dare_tensor(base: torch.Tensor, expert: torch.Tensor, bits: torch.Tensor, keep: float) -> torch.Tensor:
+    """A DARE member's tensor in fp32: base + m (expert - base) / keep, as ``merging.sparsify.dare``
+    computes it (default rescale), with m the unpacked ``bits``."""
+    base = base.float()
+    delta = expert.float() - base
+    mask = unpack_bits(bits, delta.numel()).reshape(delta.shape)
+    return base + (delta * mask) / keep
+
+
+class DareMember:
+    """A DARE member read like a checkpoint: ``get(name)`` is base + m (expert - base) / (1 - p)
+    in fp32 (``merging.sparsify.dare`` with its default rescale), computed from the two models
+    and the mask when asked. The dense layouts and reference computations read it; the default
+    layout never does."""
+
+    def __init__(self, base: Model, expert: Model, mask: DareMask):
+        self.base, self.expert, self.mask = base, expert, mask
+        self.name = mask.name
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return self.base.tensor_names
+
+    def info(self, name: str):
+        return self.base.info(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return dare_tensor(self.base.get(name), self.expert.get(name), self.mask.bits(name), self.mask.keep)
+
+    def weight_files(self) -> list[Path]:
+        return [*self.expert.weight_files(), *self.mask.weight_files()]
+
+    def close(self) -> None:
+        self.base.close()
+        self.expert.close()
+        self.mask.close()
+
+
+class Basis:
+    """Base, N experts, N DARE members (as masks) and E extra members sharing names and shapes.
+
+    ``members`` lists all K in coefficient order (``labels`` name them); the DARE ones are
+    ``DareMember`` views. ``storage`` picks the layout:
+
+    - ``ram`` (default) / ``cuda`` / ``pinned``: base, experts and extras held in their stored
+      dtype (bf16 stays bf16) and the masks as packed bits, 1 bit per parameter per expert:
+      N + 1 + E model copies instead of K. ``ram`` sums on the CPU in one compiled pass;
+      ``cuda`` holds everything on the GPU; ``pinned`` holds it in page-locked host memory and
+      sums each tensor on the GPU (members too large for it beside the resident model).
+    - ``mmap``: nothing held; members and masks are read from their memory-mapped files on
       every materialisation (for a basis larger than RAM).
+    - ``ram_dense``: the former layout, all K members dense in fp32 (DARE members expanded).
+    - ``compact``: base, experts and extras dense in fp32, each DARE member as the indices
+      and values of its surviving delta entries.
+
+    Every layout computes in fp32 and gives the same particle to fp32 rounding; which one
+    made a basis is part of its fingerprint (cached scores are per layout).
     """
 
-    def __init__(self, members: Sequence[Model], labels: Sequence[str], fingerprint: str,
-                 granularity: Granularity = "model", storage: Storage = "ram", n_experts: int | None = None,
+    def __init__(self, checkpoints: Sequence[Model], masks: Sequence[DareMask], labels: Sequence[str],
+                 fingerprint: str, granularity: Granularity = "model", storage: Storage = "ram",
                  model_dir: Path | None = None):
-        if n_experts is None:
-            if len(members) % 2 != 1:
-                raise ValueError("a basis is base + N experts + N DARE experts (+ extra members)")
-            n_experts = (len(members) - 1) // 2
-        self.members = list(members)
+        n = len(masks)
+        if n < 1 or len(checkpoints) < 1 + n:
+            raise ValueError("a basis is base + N experts (N >= 1) with their N DARE masks, then extras")
+        self.checkpoints = list(checkpoints)  # the dense members: base, experts, extras
+        self.masks = list(masks)
+        self.n_experts = n
+        self.n_extras = len(checkpoints) - 1 - n
+        base = self.checkpoints[0]
+        dare = [DareMember(base, e, m) for e, m in zip(self.checkpoints[1: 1 + n], self.masks)]
+        self.members = [*self.checkpoints[: 1 + n], *dare, *self.checkpoints[1 + n:]]
         # a folder with the basis's config, tokenizer and vocabulary, for resident models
-        self.model_dir = Path(model_dir or members[0].path)
+        self.model_dir = Path(model_dir or base.path)
         self.labels = list(labels)
+        if len(self.labels) != len(self.members):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.members)} basis members")
         self.fingerprint = fingerprint
-        self.n_experts = n_experts
-        self.names = [n for n in members[0].tensor_names if members[0].info(n).dtype.is_floating_point]
+        self.names = floating_names(base)
         self.group_labels, self.group_of = tensor_groups(self.names, granularity)
         self.granularity = granularity
         self.storage = storage
-        self._dense: dict[str, torch.Tensor] = {}  # name -> (1 + N, *shape): base, experts
-        self._sparse: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # name -> N x (index, value)
-        if storage != "mmap":
-            self._load(torch.device("cuda" if storage == "cuda" else "cpu"), compact=storage == "compact")
-
-    def _load(self, device: torch.device, compact: bool) -> None:
-        """Read member after member, closing each, so no more than one model's file pages
-        stay mapped while the in-memory copy fills."""
-        n = self.n_experts if compact else self.k - 1
-        ref = self.members[0]
-        for name in self.names:
-            self._dense[name] = torch.empty((1 + n, *ref.info(name).shape), dtype=torch.float32, device=device)
-        for i, member in enumerate(self.members[: 1 + n]):
-            for name in self.names:
-                self._dense[name][i].copy_(member.get(name))
-            member.close()
-        for member in self.members[1 + n :]:
-            for name in self.names:
-                base = self._dense[name][0]
-                self._sparse.setdefault(name, []).append(_sparse_delta(member.get(name).to(base), base))
-            member.close()
+        if storage == "ram_dense":
+            self._layout: _Layout = _DenseLayout(self)
+        elif storage == "compact":
+            self._layout = _CompactLayout(self)
+        elif storage in ("ram", "cuda", "pinned", "mmap"):
+            self._layout = _MaskedLayout(self, storage)
+        else:
+            raise ConfigError(f"basis.storage {storage!r} is not one of ram, cuda, pinned, mmap, ram_dense, compact")
 
     @property
     def k(self) -> int:
@@ -140,38 +192,25 @@ class Basis:
         return len(self.group_labels)
 
     def nbytes(self) -> int:
-        dense = sum(t.numel() * t.element_size() for t in self._dense.values())
-        sparse = sum(i.numel() * i.element_size() + v.numel() * v.element_size()
-                     for pairs in self._sparse.values() for i, v in pairs)
-        return dense + sparse
+        """Bytes the layout holds in memory (0 for ``mmap``)."""
+        return self._layout.nbytes()
+
+    def mask_coefficients(self, alpha: Sequence[float]) -> tuple[list[float], list[float]]:
+        """(a, s): one coefficient per dense member (base, experts, extras) and one per mask,
+        so that sum_j alpha_j B_j = sum_j a_j D_j + sum_i s_i m_i (expert_i - base)."""
+        n = self.n_experts
+        dare = list(alpha[1 + n: 1 + 2 * n])
+        a = [alpha[0] + sum(dare), *alpha[1: 1 + n], *alpha[1 + 2 * n:]]
+        return a, [b / m.keep for b, m in zip(dare, self.masks)]
 
     def combine_into(self, out: torch.Tensor, name: str, alpha: Sequence[float]) -> None:
-        """out = sum_j alpha_j * B_j for tensor ``name``, in place, no temporaries.
-
-        Compact form: with b_i the DARE coefficients and s_i the surviving entries of DARE
-        expert i minus the base, sum_j alpha_j B_j = (alpha_0 + sum_i b_i) base
-        + sum_i alpha_i expert_i + sum_i b_i scatter(s_i).
-        """
-        if not self._dense:  # memory-mapped members, moved to the model's device one name at a time
-            weighted_sum_into(out, [m.get(name).to(out.device) for m in self.members], alpha)
-            return
-        if not self._sparse:
-            stacked = self._dense[name]
-            if not fused_sum_into(out, stacked, alpha):
-                weighted_sum_into(out, stacked, alpha)
-            return
-        n = self.n_experts
-        dense_alpha = [alpha[0] + sum(alpha[1 + n :])] + list(alpha[1 : 1 + n])
-        weighted_sum_into(out, self._dense[name], dense_alpha)
-        flat = out.view(-1)
-        for (index, value), b in zip(self._sparse[name], alpha[1 + n :]):
-            if b != 0.0:
-                flat.index_add_(0, index, value, alpha=b)
+        """out = sum_j alpha_j * B_j for tensor ``name`` (fp32), in place, no model-sized temporaries."""
+        self._layout.combine_into(out, name, alpha)
 
     def write_particle(self, coeffs: np.ndarray, out_dir: str | Path) -> Path:
         """Stream the particle to a checkpoint folder with the base's config and tokenizer,
         and its coefficients beside it."""
-        ref = self.members[0]
+        ref = self.checkpoints[0]
         coeffs = np.asarray(coeffs, dtype=np.float64)
 
         def tensor(name: str) -> torch.Tensor | None:
@@ -183,7 +222,7 @@ class Basis:
 
         coefficients = json.dumps({"basis": self.labels, "groups": self.group_labels, "coefficients": coeffs.tolist(),
                                    "basis_fingerprint": self.fingerprint}, indent=2)
-        return write_checkpoint(out_dir, ref, tensor, inputs=self.members[1:],
+        return write_checkpoint(out_dir, ref, tensor, inputs=self.checkpoints[1:],
                                 extra_files={COEFFICIENTS_FILE: coefficients})
 
     @torch.no_grad()
@@ -211,11 +250,126 @@ class Basis:
                 out.copy_(scratch)
 
 
-def member_coefficients(k: int, groups: int, j: int) -> np.ndarray:
-    """The (G, K) particle that is basis member j itself (one-hot in every group)."""
-    coeffs = np.zeros((groups, k))
-    coeffs[:, j] = 1.0
-    return coeffs
+# -- layouts: what is held, and how one tensor of a particle is summed ------------------------
+
+class _Layout:
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    def combine_into(self, out: torch.Tensor, name: str, alpha: Sequence[float]) -> None:
+        raise NotImplementedError
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _MaskedLayout(_Layout):
+    """Dense members in their stored dtype and packed masks: held (``ram``, ``cuda``,
+    ``pinned``) or read from the memory-mapped files per particle (``mmap``)."""
+
+    def __init__(self, basis: Basis, storage: Storage):
+        self.basis = basis
+        self.dense: dict[str, list[torch.Tensor]] = {}
+        self.bits: dict[str, list[torch.Tensor]] = {}
+        if storage == "pinned" and not torch.cuda.is_available():
+            raise ConfigError("basis.storage 'pinned' keeps members in page-locked memory for a GPU, "
+                              "and no CUDA device is available; use ram")
+        if storage != "mmap":
+            self._load(torch.device("cuda" if storage == "cuda" else "cpu"), pin=storage == "pinned")
+
+    def _load(self, device: torch.device, pin: bool) -> None:
+        """Member after member, closing each. On the host, tensors are read with plain file
+        reads into their place, so no page of a member file is mapped while the copy fills."""
+        names = self.basis.names
+        for ckpt in self.basis.checkpoints:
+            spans: dict[Path, dict[str, tuple[int, int]]] = {}
+            for name in names:
+                info = ckpt.info(name)
+                if device.type == "cpu":
+                    held = torch.empty(info.shape, dtype=info.dtype, pin_memory=pin)
+                    _read_into(ckpt, name, held, spans)
+                else:
+                    held = ckpt.get(name).to(device)
+                self.dense.setdefault(name, []).append(held)
+            ckpt.close()
+        for mask in self.basis.masks:
+            for name in names:
+                self.bits.setdefault(name, []).append(
+                    mask.bits(name).to(device) if device.type != "cpu" else
+                    torch.empty(mask.nbytes(name), dtype=torch.uint8, pin_memory=pin).copy_(mask.bits(name)))
+            mask.close()
+
+    def nbytes(self) -> int:
+        return sum(_nbytes(ts) for ts in self.dense.values()) + sum(_nbytes(ts) for ts in self.bits.values())
+
+    def combine_into(self, out: torch.Tensor, name: str, alpha: Sequence[float]) -> None:
+        a, s = self.basis.mask_coefficients(alpha)
+        if self.dense:
+            masked_sum_into(out, self.dense[name], self.bits[name], a, s)
+        else:
+            masked_sum_into(out, [c.get(name) for c in self.basis.checkpoints],
+                            [m.bits(name) for m in self.basis.masks], a, s)
+
+
+class _DenseLayout(_Layout):
+    """All K members stacked dense in fp32 (K x 4 bytes per parameter)."""
+
+    def __init__(self, basis: Basis):
+        ref, n = basis.checkpoints[0], basis.n_experts
+        self.stacked = {name: torch.empty((basis.k, *ref.info(name).shape), dtype=torch.float32)
+                        for name in basis.names}
+        dense_rows = [*range(1 + n), *range(1 + 2 * n, basis.k)]  # base, experts, extras
+        for j, ckpt in zip(dense_rows, basis.checkpoints):
+            for name in basis.names:
+                self.stacked[name][j].copy_(ckpt.get(name))
+            ckpt.close()
+        for i, mask in enumerate(basis.masks):  # DARE rows from the rows already held: no file mapped again
+            for name in basis.names:
+                rows = self.stacked[name]
+                rows[1 + n + i].copy_(dare_tensor(rows[0], rows[1 + i], mask.bits(name), mask.keep))
+            mask.close()
+
+    def nbytes(self) -> int:
+        return _nbytes(self.stacked.values())
+
+    def combine_into(self, out: torch.Tensor, name: str, alpha: Sequence[float]) -> None:
+        if not fused_sum_into(out, self.stacked[name], alpha):
+            weighted_sum_into(out, self.stacked[name], alpha)
+
+
+class _CompactLayout(_Layout):
+    """Base, experts and extras dense in fp32, each DARE member as (index, value) of its
+    surviving entries minus the base (int32 index + fp32 value where indices fit)."""
+
+    def __init__(self, basis: Basis):
+        self.basis = basis
+        ref = basis.checkpoints[0]
+        dense = basis.checkpoints
+        self.dense = {n: torch.empty((len(dense), *ref.info(n).shape), dtype=torch.float32) for n in basis.names}
+        for j, ckpt in enumerate(dense):
+            for name in basis.names:
+                self.dense[name][j].copy_(ckpt.get(name))
+            ckpt.close()
+        self.sparse: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for i, mask in enumerate(basis.masks):
+            for name in basis.names:
+                rows = self.dense[name]
+                member = dare_tensor(rows[0], rows[1 + i], mask.bits(name), mask.keep)
+                self.sparse.setdefault(name, []).append(_sparse_delta(member, rows[0]))
+            mask.close()
+
+    def nbytes(self) -> int:
+        return _nbytes(self.dense.values()) + sum(_nbytes(pair) for pairs in self.sparse.values() for pair in pairs)
+
+    def combine_into(self, out: torch.Tensor, name: str, alpha: Sequence[float]) -> None:
+        n = self.basis.n_experts
+        a, _ = self.basis.mask_coefficients(alpha)  # base + sum of DARE coefficients, experts, extras
+        weighted_sum_into(out, self.dense[name], a)
+        flat = out.view(-1)
+        for (index, value), b in zip(self.sparse[name], alpha[1 + n: 1 + 2 * n]):
+            if b != 0.0:
+                flat.index_add_(0, index, value, alpha=b)
 
 
 def _sparse_delta(member: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,6 +382,33 @@ def _sparse_delta(member: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tenso
     return index, value
 
 
+def _read_into(ckpt: Model, name: str, out: torch.Tensor, spans: dict[Path, dict[str, tuple[int, int]]]) -> None:
+    """Tensor ``name`` of ``ckpt`` read into ``out`` (host memory, its stored dtype). A plain
+    safetensors checkpoint is read with file reads at the tensor's offset (``spans`` caches
+    the headers); other models (``.bin`` files, LoRA experts, vocabulary-aligned views) are
+    copied from what ``get`` returns."""
+    if not isinstance(ckpt, Checkpoint) or ckpt.format != "safetensors":
+        out.copy_(ckpt.get(name))
+        return
+    path = ckpt.path / ckpt.info(name).file
+    if path not in spans:
+        spans[path] = tensor_spans(path)
+    begin, end = spans[path][name]
+    view = out.reshape(-1).view(torch.uint8).numpy()
+    with open(path, "rb") as f:
+        f.seek(begin)
+        if end - begin != view.nbytes or f.readinto(view) != view.nbytes:
+            raise CheckpointError(f"model {ckpt.name!r}: tensor {name!r} in {path} is truncated or not "
+                                  f"{list(out.shape)} {out.dtype}")
+
+
+def member_coefficients(k: int, groups: int, j: int) -> np.ndarray:
+    """The (G, K) particle that is basis member j itself (one-hot in every group)."""
+    coeffs = np.zeros((groups, k))
+    coeffs[:, j] = 1.0
+    return coeffs
+
+
 def build_basis(
     base: str | Path,
     experts: Sequence[str | Path],
@@ -236,46 +417,36 @@ def build_basis(
     extra_members: Sequence[tuple[str, str | Path]] = (),
     progress: Progress = SILENT,
 ) -> Basis:
-    """Open base and experts, write (or reuse) their DARE versions, return the basis.
-    ``extra_members`` (label, folder), e.g. static merges, follow the DARE members."""
+    """Open base, experts and ``extra_members`` ((label, checkpoint folder) pairs, e.g.
+    ("merge:ties", path), held like experts), write (or reuse) the experts' DARE masks,
+    return the basis. Coefficients index [base, experts..., dare..., extras...]."""
     base_ck = open_model(base, name=str(base))
     expert_cks = [open_model(e, name=str(e), base=base_ck) for e in experts]
     base_ck, expert_cks = align_vocabularies(base_ck, expert_cks, settings.tokenizer_source)
-    extra_cks = [Checkpoint(p, name=label) for label, p in extra_members]
+    extra_cks = [Checkpoint(path, name=label) for label, path in extra_members]
+    labels = (["base"] + [f"expert:{Path(e).name}" for e in experts] + [f"dare:{Path(e).name}" for e in experts]
+              + [label for label, _ in extra_members])
+    for label, _ in extra_members:
+        if labels.count(label) > 1:
+            raise ConfigError(f"basis member label {label!r} is used twice; extra members need distinct labels")
     check_compatible(base_ck, expert_cks + extra_cks)
-    fps = [base_ck.fingerprint()] + [e.fingerprint() for e in expert_cks]
-    dare_key = digest([fps, settings.drop_rate, settings.seed], 12)
-    key = dare_key if not extra_cks else digest([dare_key, [[label, c.fingerprint()] for (label, _), c in
-                                                            zip(extra_members, extra_cks)]], 12)
-    root = Path(cache_dir) / dare_key
+    fps = [c.fingerprint() for c in (base_ck, *expert_cks, *extra_cks)]
     model_dir = None
     if isinstance(base_ck, AlignedModel):  # resident models load the base with the shared vocabulary
-        model_dir = root / "base"
+        model_dir = Path(cache_dir) / f"base-{digest([fps[: 1 + len(experts)], settings.tokenizer_source], 12)}"
         if not (model_dir / "config.json").exists():
             write_checkpoint(model_dir, base_ck, lambda name: None)
-    dare_paths = [root / f"dare{i}" for i in range(len(experts))]
-    if not all((p / "config.json").exists() for p in dare_paths):
-        log.info("writing %d DARE experts (p=%.2f) to %s", len(experts), settings.drop_rate, root)
-        for i, (expert, path) in enumerate(zip(expert_cks, dare_paths)):
-            task = progress.start(f"sparsifying {expert.name} (DARE p={settings.drop_rate})",
-                                  len(base_ck.tensor_names))
-            try:
-                _write_dare_expert(base_ck, expert, path, settings, tag=fps[i + 1], on_tensor=lambda _: task.advance())
-            finally:
-                task.close()
-    dare_cks = [Checkpoint(p, name=f"dare({expert_cks[i].name})") for i, p in enumerate(dare_paths)]
-    labels = ["base"] + [f"expert:{Path(e).name}" for e in experts] + [f"dare:{Path(e).name}" for e in experts]
-    labels += [label for label, _ in extra_members]
-    return Basis([base_ck, *expert_cks, *dare_cks, *extra_cks], labels, key, settings.granularity, settings.storage,
-                 n_experts=len(experts), model_dir=model_dir)
-
-
-def _write_dare_expert(base: Model, expert: Model, out: Path, settings: BasisSettings, tag: str,
-                       on_tensor=None) -> None:
-    def sparsified(name: str) -> torch.Tensor:
-        b, e = base.get(name), expert.get(name)
-        check_finite(e, expert.name, name)
-        delta = dare(task_vector(e, b), settings.drop_rate, generator(settings.seed, tag, name))
-        return b.float() + delta
-
-    write_checkpoint(out, base, sparsified, inputs=[expert], on_tensor=on_tensor)
+    names = floating_names(base_ck)
+    masks = []
+    for i, expert in enumerate(expert_cks):
+        task = progress.start(f"DARE masks of {expert.name} (p={settings.drop_rate})", len(names))
+        try:
+            masks.append(dare_masks_for(cache_dir, expert, names, fps[0], fps[1 + i], settings.drop_rate,
+                                        settings.seed, on_tensor=lambda _: task.advance()))
+        finally:
+            task.close()
+    fingerprint = digest({"members": fps, "experts": len(expert_cks), "drop_rate": settings.drop_rate,
+                          "seed": settings.seed, "tokenizer_source": settings.tokenizer_source, "dare": "mask",
+                          "layout": settings.storage}, 12)
+    return Basis([base_ck, *expert_cks, *extra_cks], masks, labels, fingerprint, settings.granularity,
+                 settings.storage, model_dir=model_dir)
