@@ -21,7 +21,7 @@ from pydantic import Field
 
 from psomerge.errors import ConfigError
 from psomerge.hashing import digest
-from psomerge.io import Checkpoint, Model, check_compatible, check_finite, open_model, write_checkpoint
+from psomerge.io import Checkpoint, Model, check_compatible, check_finite, model_labels, open_model, write_checkpoint
 from psomerge.io.vocab import AlignedModel, TokenizerSource, align_vocabularies
 from psomerge.merging.sparsify import dare
 from psomerge.merging.task_vectors import generator, task_vector
@@ -264,7 +264,8 @@ def build_basis(
             finally:
                 task.close()
     dare_cks = [Checkpoint(p, name=f"dare({expert_cks[i].name})") for i, p in enumerate(dare_paths)]
-    labels = ["base"] + [f"expert:{Path(e).name}" for e in experts] + [f"dare:{Path(e).name}" for e in experts]
+    names = model_labels(experts)  # distinct even where two expert folders share a name
+    labels = ["base"] + [f"expert:{n}" for n in names] + [f"dare:{n}" for n in names]
     labels += [label for label, _ in extra_members]
     return Basis([base_ck, *expert_cks, *dare_cks, *extra_cks], labels, key, settings.granularity, settings.storage,
                  n_experts=len(experts), model_dir=model_dir)
