@@ -144,7 +144,7 @@ def test_a_static_baseline_is_merged_again_after_an_expert_is_retrained(fam):
     assert baseline_checkpoint("average", root / "base", experts, 0, root / "baselines") == first  # reused
     retrain(experts[0])
     second = baseline_checkpoint("average", root / "base", experts, 0, root / "baselines")
-    assert second != first and not first.exists()  # the stale merge is gone
+    assert second != first
     new = load_file(second / WEIGHTS)
     assert any(not (new[k] == weights[k]).all() for k in weights)
 

@@ -60,6 +60,11 @@ def _truncate(folder):
     path.write_bytes(path.read_bytes()[:-1000])
 
 
+def _append(folder):
+    with open(folder / WEIGHTS, "ab") as f:
+        f.write(b"\0" * 64)
+
+
 def _lie_dtype(folder):
     # F32 data declared as F16: the offsets no longer fit the shape
     rewrite_header(folder, lambda h: h[first_tensor(h)].update(dtype="F16"))
@@ -98,6 +103,7 @@ def _header_not_object(folder):
 
 @pytest.mark.parametrize("corrupt, says", [
     (_truncate, "truncated"),
+    (_append, "bytes follow its last tensor"),
     (_lie_dtype, "header is corrupt"),
     (_lie_shape, "header is corrupt"),
     (_huge_header_length, "header length"),
@@ -305,3 +311,13 @@ def test_staging_abandoned_by_a_killed_writer_is_removed(tmp_path, family):
     run_merge(linear_recipe(experts[:2]), out)
     assert not abandoned.exists() and live.exists()
     assert (out / "config.json").exists()
+
+
+def test_finite_check_is_exact_where_a_fast_sum_overflows():
+    from psomerge.io import check_finite
+
+    huge = torch.full((4,), torch.finfo(torch.float32).max)  # finite, but its sum is inf
+    check_finite(huge, "m", "t")
+    huge[2] = float("-inf")
+    with pytest.raises(CheckpointError, match=r"'m': tensor 't' holds non-finite weights \(0 NaN, 1 inf\)"):
+        check_finite(huge, "m", "t")

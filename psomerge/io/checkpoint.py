@@ -119,6 +119,9 @@ def _check_offsets(path: Path, header: dict[str, Any], data_size: int) -> None:
     if end > data_size:
         raise CheckpointError(f"{path}: truncated: its header places tensor data up to byte {end}, but the file "
                               f"holds {data_size} bytes of data")
+    if end < data_size:
+        raise CheckpointError(f"{path}: {data_size - end} bytes follow its last tensor's data: the header is corrupt "
+                              f"or the file was appended to")
 
 
 class Checkpoint:

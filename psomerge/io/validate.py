@@ -71,7 +71,9 @@ def check_compatible(base: Model, others: Sequence[Model]) -> None:
 
 def check_finite(tensor: torch.Tensor, model: str, tensor_name: str) -> None:
     """Raise CheckpointError if a floating-point tensor holds NaN or inf."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+        return  # NaN and inf survive a sum: one pass, no mask (several times faster)
+    if not bool(torch.isfinite(tensor).all()):  # else the sum merely overflowed
         n_nan = int(torch.isnan(tensor).sum())
         n_inf = int(torch.isinf(tensor).sum())
         raise CheckpointError(

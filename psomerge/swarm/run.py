@@ -94,7 +94,7 @@ def check_provenance(state: dict[str, Any], current: dict[str, Any], path: Path)
     changes += _suite_changes(saved.get("suites", {}), current["suites"])
     if not changes:
         for what, name in (("basis", "the basis (DARE drop rate, seed or models)"),
-                           ("evaluation", "the evaluation (generation settings, scorers or data)")):
+                           ("evaluation", "the evaluation (generation settings, device, scorers or data)")):
             if saved.get(what) != current[what]:
                 changes.append(f"{name} changed")
     if changes:
@@ -111,10 +111,11 @@ def _setting_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str
 
 
 def _model_changes(saved: list[list[str]], current: list[list[str]]) -> list[str]:
-    if [label for label, _ in saved] != [label for label, _ in current]:
-        return [f"the models changed (were {[lb for lb, _ in saved]}, now {[lb for lb, _ in current]})"]
+    """By position (base, then each expert: the basis order) and content, not by path."""
+    if len(saved) != len(current):
+        return [f"the number of experts changed ({len(saved) - 1} -> {len(current) - 1})"]
     return [f"model {label!r} changed (weights, config or tokenizer)"
-            for (label, before), (_, now) in zip(saved, current) if before != now]
+            for (_, before), (label, now) in zip(saved, current) if before != now]
 
 
 def _suite_changes(saved: dict[str, dict[str, str]], current: dict[str, dict[str, str]]) -> list[str]:
@@ -141,9 +142,12 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / self.FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunLockedError(f"cannot lock run folder {self.folder} ({exc.strerror})") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
