@@ -46,9 +46,11 @@ def fam(char_family, tmp_path, monkeypatch):
 
 
 def config_dict(fam, steps=1, **extra):
+    """PSO-Merging as published (2N+1 particles) unless ``extra`` says otherwise: fast, and
+    the counts below are exact."""
     root, experts, data = fam
     return {
-        "name": "t", "base": str(root / "base"), "experts": [str(e) for e in experts],
+        "name": "t", "preset": "paper", "base": str(root / "base"), "experts": [str(e) for e in experts],
         "suites": [{"name": n, "dataset": str(p), "optimisation_size": 10, "heldout_size": 20,
                     "judge": {"type": "exact_match", "normalizer": "none"}} for n, p in data.items()],
         "generation": {"max_new_tokens": 4, "batch_size": 64},
@@ -89,8 +91,9 @@ def set_rope_theta(cfg):
 
 # -- 1: a cache key covers everything that changes an answer ----------------------------
 
-def test_editing_the_base_config_rescores_every_particle(fam):
-    cfg = make_config(fam)
+@pytest.mark.parametrize("preset", ["paper", "psomerge"])  # psomerge: static merges join the basis
+def test_editing_the_base_config_rescores_every_particle(fam, preset):
+    cfg = make_config(fam, preset=preset)
     first = search(cfg)
     assert first.counts.scorings > 0
     assert search(cfg).counts.scorings == 0  # unchanged inputs: all from the cache
@@ -186,8 +189,8 @@ def test_resume_after_retraining_an_expert_names_it(fam):
 def test_resume_after_editing_the_config_names_the_key(fam):
     search(make_config(fam))
     edited = config_dict(fam)
-    edited["optimizer"]["inertia"] = 0.5
-    with pytest.raises(ConfigError, match=r"config key 'optimizer.inertia' changed \(0.2 -> 0.5\)"):
+    edited["optimizer"]["seed"] = 7
+    with pytest.raises(ConfigError, match=r"config key 'optimizer.seed' changed \(0 -> 7\)"):
         search(RunConfig.from_dict(edited), resume=True)
 
 
@@ -199,8 +202,8 @@ def test_resume_with_more_steps_continues_the_same_search(fam):
 
 
 def test_resume_with_another_optimizer_is_a_clean_error(fam):
-    search(make_config(fam))
-    edited = config_dict(fam)
+    search(make_config(fam, preset="psomerge"))
+    edited = config_dict(fam, preset="psomerge")
     edited["optimizer"] = {"type": "cmaes", "steps": 1}
     with pytest.raises(ConfigError, match="checkpoint of a pso run; this run's optimizer is cmaes"):
         search(RunConfig.from_dict(edited), resume=True)
@@ -268,7 +271,7 @@ def test_bad_optimizer_for_the_demo_fails_before_building_it(tmp_path):
 
 def test_an_overridden_optimizer_runs_in_its_own_folder(fam):
     path = fam[0] / "run.yaml"
-    path.write_text(yaml.safe_dump(config_dict(fam)))
+    path.write_text(yaml.safe_dump(config_dict(fam, preset="psomerge")))
     pso = RunConfig.load(path)
     search(pso)
     pso_checkpoint = (pso.run_dir() / "checkpoint.json").read_text()
