@@ -85,8 +85,9 @@ class SqliteKV:
     def replace(self, key: str, value: Any) -> None:
         """Store ``value`` under ``key``, replacing what is there (for entries that grow, such
         as a raced particle's partial scores)."""
-        self._conn().execute(f"INSERT OR REPLACE INTO {self.table} (key, value) VALUES (?, ?)",
-                             (key, json.dumps(value)))
+        with self._errors():
+            self._conn().execute(f"INSERT OR REPLACE INTO {self.table} (key, value) VALUES (?, ?)",
+                                 (key, json.dumps(value)))
 
     def __len__(self) -> int:
         with self._errors():
