@@ -185,7 +185,8 @@ class RunContext:
         device = "cuda" if config.basis.storage == "cuda" else "cpu"
         self.evaluator = ParticleEvaluator(self.basis, self.suites, FitnessCache(config.fitness_cache_path()),
                                            lambda: open_generator(config.generation, self.basis.model_dir, device),
-                                           {**config.generation.cache_config(), "device": device},  # GPU numerics differ
+                                           # GPU and CPU numerics differ: scores are keyed by device
+                                           {**config.generation.cache_config(), "device": device},
                                            config.racing, progress)
 
     def static_merge(self, name: str) -> Path:

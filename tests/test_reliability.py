@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from safetensors.torch import load_file, save_file
@@ -117,7 +116,8 @@ EDITS = {
     "expert config": lambda r: edit_json(r / "e1" / "config.json", set_rope_theta),
     "expert tokenizer": lambda r: edit_json(r / "e0" / "tokenizer.json", _add_token),
     "expert retrained": lambda r: retrain(r / "e0"),
-    "a data field only a scorer reads": lambda r: _edit_records(r / "addition.jsonl", lambda rec: rec.update(tests="x")),
+    "a data field only a scorer reads": lambda r: _edit_records(r / "addition.jsonl",
+                                                                lambda rec: rec.update(tests="x")),
 }
 
 

@@ -122,7 +122,7 @@ def test_corrupt_safetensors_is_a_checkpoint_error_naming_the_file(tmp_path, fam
 
 
 def test_corrupt_safetensors_through_the_merge_command(tmp_path, family):
-    base, experts = family
+    _, experts = family
     bad = clone(experts[0], tmp_path / "bad-expert")
     _truncate(bad)
     recipe = tmp_path / "r.yaml"
