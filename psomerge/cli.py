@@ -246,15 +246,18 @@ def swarm(
     from psomerge.config import RunConfig
     from psomerge.pipeline import run_seeds
 
-    overrides = {k: v for k, v in (("optimizer.type", optimizer), ("optimizer.steps", steps)) if v is not None}
+    options = {"optimizer.type": ("--optimizer", optimizer), "optimizer.steps": ("--steps", steps)}
+    overrides = {key: value for key, (_, value) in options.items() if value is not None}
     try:
         if config is None:
+            from psomerge.config import check_optimizer_overrides
             from psomerge.paths import data_dir
             from psomerge.presets.tiny import build_tiny, tiny_run_config
 
+            _with_options(check_optimizer_overrides, options, overrides)  # before building the demo models
             cfg = tiny_run_config(build_tiny(data_dir()), optimizer or "pso", 5 if steps is None else steps)
         else:
-            cfg = RunConfig.load(config, overrides)
+            cfg = _with_options(partial(RunConfig.load, config), options, overrides)
         steps_table = Table(title=f"{cfg.name}: {cfg.optimizer.type} ({cfg.basis.granularity} granularity)",
                          title_justify="left")
         for col in ("step", "global best", *[s.name for s in cfg.suites], "mean", "std", "scorings", "cache hits"):
@@ -285,6 +288,21 @@ def swarm(
     values = [r.heldout.fitness for r in per_seed]
     out.print(f"{merged[0].label} over {seeds} seeds: held-out weighted mean {statistics.mean(values):.3f} "
               f"± {statistics.stdev(values):.3f} (sd), min {min(values):.3f}, max {max(values):.3f}")
+
+
+def _with_options(load, options: dict[str, tuple[str, object]], overrides: dict[str, object]):
+    """``load(overrides)``; a config error about an overridden section names the command-line
+    option that set it (``--steps -3``), not only the config key."""
+    from psomerge.errors import ConfigError
+
+    try:
+        return load(overrides)
+    except ConfigError as exc:
+        given = [f"{flag} {overrides[key]}" for key, (flag, _) in options.items()
+                 if key in overrides and f"key '{key.split('.')[0]}" in str(exc)]
+        if given:
+            raise ConfigError(f"{exc} (set on the command line by {', '.join(given)})") from None
+        raise
 
 
 @app.command()

@@ -127,6 +127,19 @@ class RunConfig(StrictModel):
                 raise ValueError(f"unknown baseline {name!r}; known: {', '.join(STATIC_BASELINES)}")
         return names
 
+    @field_validator("experts")
+    @classmethod
+    def _distinct_experts(cls, experts: list[Path]) -> list[Path]:
+        """The same folder twice would count one expert double and lose a report row."""
+        seen: dict[Path, int] = {}
+        for i, path in enumerate(experts):
+            folder = Path(path).resolve()
+            if folder in seen:
+                raise ValueError(f"experts[{i}] ({path}) is the same folder as experts[{seen[folder]}] "
+                                 f"({experts[seen[folder]]}): list each expert once")
+            seen[folder] = i
+        return experts
+
     @field_validator("suites")
     @classmethod
     def _unique_suites(cls, suites: list[SuiteSettings]) -> list[SuiteSettings]:
@@ -143,10 +156,20 @@ class RunConfig(StrictModel):
 
     @classmethod
     def load(cls, path: str | Path, overrides: dict[str, Any] | None = None, check_paths: bool = True) -> "RunConfig":
-        """Read, apply command-line ``overrides`` (dotted keys), validate, check names and paths."""
+        """Read, apply command-line ``overrides`` (dotted keys), validate, check names and paths.
+
+        A run whose optimizer is overridden (``{"optimizer.type": "cmaes"}``) is another run:
+        its name and output folder get the optimizer as a suffix, so it never overwrites the
+        checkpoint and model of the run the file describes."""
         data = read_yaml(path, "config")
         if isinstance(data, dict) and overrides:
+            written = _optimizer_type(data)
             data = apply_overrides(data, overrides)
+            chosen = _optimizer_type(data)
+            if chosen != written and isinstance(chosen, str):
+                data["name"] = f"{data.get('name', cls.model_fields['name'].default)}-{chosen}"
+                if data.get("output_dir"):
+                    data["output_dir"] = f"{str(data['output_dir']).rstrip('/')}-{chosen}"
         return cls.from_dict(data, source=str(path), check_paths=check_paths)
 
     @classmethod
@@ -179,6 +202,22 @@ class RunConfig(StrictModel):
                 vllm_python(self.generation.vllm.python)
             except ConfigError as exc:
                 raise ConfigError(f"{where}: generation.vllm.python: {exc}") from None
+
+
+def _optimizer_type(data: dict[str, Any]) -> Any:
+    section = data.get("optimizer")
+    return section.get("type", "pso") if isinstance(section, dict) else "pso"
+
+
+class _OptimizerSection(StrictModel):
+    optimizer: OptimizerChoice = PSOSettings()
+
+
+def check_optimizer_overrides(overrides: dict[str, Any], source: str = "command line") -> None:
+    """Validate ``optimizer.*`` overrides on their own, before any expensive work (e.g. before
+    building the demo models a default config needs)."""
+    section = {k: v for k, v in overrides.items() if k.startswith("optimizer.")}
+    validate(_OptimizerSection, apply_overrides({}, section), source)
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

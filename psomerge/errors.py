@@ -15,3 +15,11 @@ class IncompatibleModelsError(PsomergeError):
 
 class ConfigError(PsomergeError):
     """A recipe or config file has a missing, unknown or invalid key."""
+
+
+class CacheError(PsomergeError):
+    """A cache file (fitness, judge) cannot be used: corrupt, or not a cache at all."""
+
+
+class RunLockedError(PsomergeError):
+    """Another process is running in the same run folder."""

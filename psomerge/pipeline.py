@@ -24,7 +24,8 @@ from psomerge.config import RunConfig
 from psomerge.paths import data_dir
 from psomerge.evaluation import EvalResult, EvalSuite
 from psomerge.generation import open_generator
-from psomerge.io import check_compatible, open_model
+from psomerge.hashing import digest
+from psomerge.io import check_compatible, check_weights, model_labels, open_model
 from psomerge.io.vocab import align_vocabularies
 from psomerge.merging.baselines import baseline_checkpoint
 from psomerge.progress import SILENT, Progress, ProgressTask
@@ -32,7 +33,9 @@ from psomerge.swarm import build_basis, make_optimizer, member_coefficients
 from psomerge.swarm.basis import Basis
 from psomerge.swarm.cache import FitnessCache
 from psomerge.swarm.fitness import ParticleEvaluator, Race
-from psomerge.swarm.run import StepReport, load_checkpoint, run_optimizer
+from psomerge.swarm.run import (
+    RunLock, StepReport, check_optimizer, check_provenance, load_checkpoint, run_optimizer,
+)
 from psomerge.swarm.selection import choose, distinct_best
 from psomerge.swarm.warm_start import linear_starts
 
@@ -114,8 +117,15 @@ class BasisInfo:
     group_labels: list[str]
     fingerprints: dict[str, str]  # content hash of base and each expert, by path
     n_experts: int
-    eval_fingerprint: str = ""  # what report rows are measured on: suites, splits, judges, generation
+    # what scores are measured on: {"fingerprint": judge, "fitness": search objective,
+    # "suites": {name: {"data": ..., "suite": ...}}}
+    evaluation: dict[str, Any] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)  # suite weights
+
+    @property
+    def eval_fingerprint(self) -> str:
+        """What report rows are measured on: suites, splits, judges, generation settings."""
+        return self.evaluation.get("fingerprint", "")
 
 
 @dataclass
@@ -183,7 +193,9 @@ class RunContext:
         device = config.basis.resident_device
         self.evaluator = ParticleEvaluator(self.basis, self.suites, FitnessCache(config.fitness_cache_path()),
                                            lambda: open_generator(config.generation, self.basis.model_dir, device),
-                                           config.generation.cache_config(), config.racing, progress)
+                                           # GPU and CPU numerics differ: scores are keyed by device
+                                           {**config.generation.cache_config(), "device": device},
+                                           config.racing, progress)
 
     def static_merge(self, name: str) -> Path:
         """A static merge of the experts (a baseline, or a warm-start member), merged once
@@ -195,8 +207,11 @@ class RunContext:
     def info(self) -> BasisInfo:
         b = self.basis
         fingerprints = {m.name: m.fingerprint() for m in b.members[: 1 + b.n_experts]}
+        evaluation = {"fingerprint": self.evaluator.fingerprint, "fitness": self.evaluator.fitness_fingerprint,
+                      "suites": {s.name: {"data": s.data_fingerprint, "suite": digest([s.fingerprint(), s.fingerprint(
+                          "fitness")])} for s in self.suites}}
         return BasisInfo(b.fingerprint, b.k, b.num_groups, b.labels, b.group_labels, fingerprints, b.n_experts,
-                         self.evaluator.fingerprint, {s.name: s.weight for s in self.suites})
+                         evaluation, {s.name: s.weight for s in self.suites})
 
     def usage(self) -> Usage:
         """Usage so far (exact with one scoring thread per process)."""
@@ -259,11 +274,43 @@ class RunContext:
 
 
 def validate_models(config: RunConfig) -> None:
-    """Architecture, tensor names, shapes and vocabularies of base and experts, before any
-    work (errors name the model and tensor)."""
+    """Architecture, tensor names, shapes and vocabularies of base and experts, and finite
+    weights in every one of them, before any work (errors name the model and tensor); a
+    warning for an expert whose weights equal the base's."""
     base = open_model(config.base, name=str(config.base))
     experts = [open_model(e, name=str(e), base=base) for e in config.experts]
     check_compatible(*align_vocabularies(base, experts, config.basis.tokenizer_source))
+    check_weights(base, experts)
+
+
+def run_provenance(config: RunConfig, info: BasisInfo) -> dict[str, Any]:
+    """What a run searches over, recorded in its checkpoint and compared on resume
+    (``swarm.run.check_provenance``): the search settings (not ``steps`` or a CMA-ES
+    ``budget``: a finished run may be resumed to go further; not paths: content is compared),
+    the content of base and experts, each suite's data and settings, the basis and the
+    evaluation fingerprints. Model selection runs after the search: not compared."""
+    # a suite's scorer is compared by its fingerprint (what changes scores, not e.g. concurrency)
+    suites = {s.name: s.model_dump(mode="json", exclude={"name", "dataset", "judge"}) for s in config.suites}
+    settings = _flatten({"suites": suites, "generation": config.generation.cache_config(),
+                         "basis": config.basis.model_dump(mode="json", exclude={"storage"}),
+                         "optimizer": config.optimizer.model_dump(mode="json", exclude={"steps", "budget"}),
+                         "warm_start": config.warm_start and config.warm_start.model_dump(mode="json"),
+                         "racing": config.racing and config.racing.model_dump(mode="json")})
+    labels = ["base", *model_labels(config.experts)]
+    models = [[label, info.fingerprints[str(p)]] for label, p in zip(labels, [config.base, *config.experts])]
+    return {"settings": settings, "models": models, "suites": info.evaluation.get("suites", {}),
+            "basis": info.fingerprint,
+            "evaluation": [info.evaluation.get("fingerprint"), info.evaluation.get("fitness")]}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 # -- the seams ---------------------------------------------------------------------------
@@ -376,12 +423,17 @@ def run_pipeline(
     scoring = scoring or InProcessScoring(config)
     tracker = tracker or NullTracker()
     out = config.run_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out).acquire()  # one run at a time in a run folder
     checkpoint = out / "checkpoint.json"
     failed = True
     try:
+        previous = load_checkpoint(checkpoint) if resume else {}
+        if previous:
+            check_optimizer(previous, config.optimizer.type, checkpoint)
         info = scoring.prepare()
-        previous = load_checkpoint(checkpoint) if resume and checkpoint.exists() else {}
+        provenance = run_provenance(config, info)
+        if previous:
+            check_provenance(previous, provenance, checkpoint)
         counts = Counts.from_dict(previous.get("counts", {}))
         tracker_state = tracker.start(config, info, previous.get("tracker"))
 
@@ -415,7 +467,7 @@ def run_pipeline(
         optimizer = make_optimizer(config.optimizer, info.k, info.groups, n_experts=info.n_experts, starts=starts)
         search = run_optimizer(optimizer, None, evaluate_batch=score_batch, checkpoint=checkpoint, resume=resume,
                                on_step=step, counts=counts.as_dict,
-                               checkpoint_extra=lambda: {"tracker": tracker_state,
+                               checkpoint_extra=lambda: {"tracker": tracker_state, "provenance": provenance,
                                                          "evaluated": [[x.tolist(), f] for x, f in evaluated]})
         result = RunResult(config, info, search.best_position, search.best_fitness, search.best_scores,
                            search.history, counts, output_dir=out)
@@ -437,8 +489,11 @@ def run_pipeline(
         failed = False
         return result
     finally:
-        tracker.close(failed)
-        scoring.close()
+        try:
+            tracker.close(failed)
+            scoring.close()
+        finally:
+            lock.release()
 
 
 def _member_starts(info: BasisInfo) -> list[np.ndarray]:

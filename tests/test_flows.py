@@ -132,8 +132,7 @@ def test_promotion_gate(tmp_path, home):
     assert not d["promoted"] and "not beyond noise" in d["reason"]  # a worse candidate is not promoted
     _register(name, 0.50, tmp_path, key="another model")
     assert not tracking.promote(name)["promoted"]  # a tie is not promoted
-    # 0.52: the champion's examples plus four more right, paired on the same 200 examples
-    champion = [1.0] * 100 + [0.0] * 100
+    # 0.52: the champion's 100 right examples (1.0 x 100, then 0.0 x 100) plus four more, on the same 200
     better = [1.0] * 104 + [0.0] * 96
     _register(name, 0.52, tmp_path, gate=GateScores("validation", "fp", {"s": better}, {"s": 1.0}))
     assert not tracking.promote(name, margin=0.05)["promoted"]  # within the margin

@@ -1,7 +1,6 @@
 """The promotion gate compares champion and candidate on the same examples: a champion
 measured on other examples is re-scored on the candidate's, through a real run."""
 
-import pytest
 from mlflow import MlflowClient
 
 from psomerge.config import RunConfig

@@ -92,8 +92,8 @@ class EvalSuite:
         random.Random(self.split_seed).shuffle(self._order)
         if not self.data_fingerprint:
             h = hashlib.blake2b(digest_size=16)
-            for ex in self.examples:
-                h.update(json.dumps([ex.id, ex.prompt, ex.answer]).encode())
+            for ex in self.examples:  # every field: scorers read them (code_exec's tests, judge rubrics)
+                h.update(json.dumps([ex.id, ex.prompt, ex.answer, ex.fields], sort_keys=True, default=repr).encode())
             self.data_fingerprint = h.hexdigest()
 
     @property

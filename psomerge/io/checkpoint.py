@@ -10,15 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from psomerge.errors import CheckpointError
-from psomerge.io.model_files import copy_model_files
+from psomerge.hashing import digest
+from psomerge.io.model_files import TOKENIZER_FILES, copy_model_files
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -44,6 +46,12 @@ DTYPES = {
 }
 
 _FINGERPRINTS: dict[tuple, str] = {}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers
+
+# Files beside the weights that change what a model answers: fingerprints cover them, and any
+# other top-level file with a suffix in MODEL_FILE_SUFFIXES (tokenizers come in many layouts).
+MODEL_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+MODEL_FILE_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken")
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -67,13 +75,53 @@ class TensorInfo:
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file, read without touching tensor data."""
+    """The JSON header of a safetensors file, read without touching tensor data, checked
+    against the file: a sane header length, a JSON object, and per tensor a known dtype and
+    data offsets that fit its shape and lie inside the file (a truncated file, or a header
+    that lies about a dtype or a shape, is refused here rather than read as garbage)."""
     try:
+        file_size = path.stat().st_size
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
-            return json.loads(f.read(size))
+            if size > min(MAX_HEADER_BYTES, file_size - 8):
+                raise CheckpointError(f"{path}: not a safetensors file (header length {size} bytes, "
+                                      f"file {file_size} bytes)")
+            header = json.loads(f.read(size))
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    _check_offsets(path, header, file_size - 8 - size)
+    return header
+
+
+def _check_offsets(path: Path, header: dict[str, Any], data_size: int) -> None:
+    end = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
+            shape = [int(d) for d in meta["shape"]]
+            start, stop = (int(o) for o in meta["data_offsets"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry ({exc!r})") from None
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {meta['dtype']}")
+        n = 1
+        for d in shape:
+            n *= d
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        if min(shape, default=0) < 0 or not 0 <= start <= stop or stop - start != nbytes:
+            raise CheckpointError(f"{path}: tensor {name!r} is {meta['dtype']} {shape} ({nbytes} bytes), but its "
+                                  f"data offsets [{start}, {stop}] hold {stop - start}: the header is corrupt")
+        end = max(end, stop)
+    if end > data_size:
+        raise CheckpointError(f"{path}: truncated: its header places tensor data up to byte {end}, but the file "
+                              f"holds {data_size} bytes of data")
+    if end < data_size:
+        raise CheckpointError(f"{path}: {data_size - end} bytes follow its last tensor's data: the header is corrupt "
+                              f"or the file was appended to")
 
 
 class Checkpoint:
@@ -129,16 +177,13 @@ class Checkpoint:
     def _safetensors_infos(self, files: list[str]) -> dict[str, TensorInfo]:
         infos: dict[str, TensorInfo] = {}
         for fname in files:
-            header = read_safetensors_header(self.path / fname)
+            try:
+                header = read_safetensors_header(self.path / fname)
+            except CheckpointError as exc:
+                raise CheckpointError(f"model {self.name!r}: {exc}") from None
             for tname, meta in header.items():
-                if tname == "__metadata__":
-                    continue
-                dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
-                if dtype is None:
-                    raise CheckpointError(
-                        f"model {self.name!r}: tensor {tname!r} has unsupported dtype {meta['dtype']}"
-                    )
-                infos[tname] = TensorInfo(tname, tuple(meta["shape"]), dtype, fname)
+                if tname != "__metadata__":
+                    infos[tname] = TensorInfo(tname, tuple(meta["shape"]), SAFETENSORS_DTYPES[meta["dtype"]], fname)
         return infos
 
     def _bin_infos(self, files: list[str]) -> dict[str, TensorInfo]:
@@ -178,11 +223,15 @@ class Checkpoint:
         info = self.info(name)
         if self.format == "bin":
             return self._bin_state(info.file)[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = safe_open(str(self.path / info.file), framework="pt", device="cpu")
-            self._handles[info.file] = handle
-        return handle.get_tensor(name)
+        try:
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = safe_open(str(self.path / info.file), framework="pt", device="cpu")
+                self._handles[info.file] = handle
+            return handle.get_tensor(name)
+        except (OSError, SafetensorError) as exc:
+            raise CheckpointError(f"model {self.name!r}: cannot read tensor {name!r} from "
+                                  f"{self.path / info.file} ({exc})") from exc
 
     @property
     def dtype(self) -> torch.dtype:
@@ -200,21 +249,23 @@ class Checkpoint:
     def weight_files(self) -> list[Path]:
         return sorted({self.path / i.file for i in self._infos.values()})
 
-    def fingerprint(self) -> str:
-        """Content hash of the weight files (what the tensors are, not where they live).
+    def model_files(self) -> list[Path]:
+        """Files beside the weights that change answers: config, generation config, tokenizer."""
+        return sorted(f for f in self.path.iterdir()
+                      if f.is_file() and (f.name in MODEL_FILES or f.suffix in MODEL_FILE_SUFFIXES))
 
-        Memoised per process by (file, size, mtime): validation, the basis and the registry
-        all ask, and hashing a 7B checkpoint takes a while."""
-        files = self.weight_files()
-        stamp = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-        if stamp not in _FINGERPRINTS:
-            h = hashlib.blake2b(digest_size=16)
-            for f in files:
-                with open(f, "rb") as fh:
-                    while chunk := fh.read(1 << 24):
-                        h.update(chunk)
-            _FINGERPRINTS[stamp] = h.hexdigest()
-        return _FINGERPRINTS[stamp]
+    def weights_fingerprint(self) -> str:
+        """Content hash of the weight files alone."""
+        return _hash_files(self.weight_files())
+
+    def fingerprint(self) -> str:
+        """Content hash of everything that makes this model answer as it does: the weight
+        files, config.json, generation_config.json and the tokenizer files (not where they
+        live). Every cache key built on a model uses it, so an edited config or tokenizer, or
+        an expert retrained in place, never serves a stale score."""
+        weights = self.weights_fingerprint()
+        weight_files = set(self.weight_files())
+        return digest([weights, _hash_files([f for f in self.model_files() if f not in weight_files], names=True)])
 
     def write_model_files(self, out_dir: str | Path, dtype: torch.dtype) -> None:
         """Config (with ``dtype``), generation config and tokenizer files of this model, for
@@ -232,3 +283,41 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.name!r}, {len(self._infos)} tensors, {self.format})"
+
+
+def model_labels(paths: Sequence[str | Path]) -> list[str]:
+    """Short, distinct names for model folders: the folder's name, with as many parent
+    folders as it takes to tell folders of the same name apart (``a/math``, ``b/math``)."""
+    parts = [Path(p).resolve().parts[1:] for p in paths]  # without the root
+    depth = [1] * len(parts)
+    while True:
+        labels = ["/".join(pp[-d:]) for pp, d in zip(parts, depth)]
+        clashing = [i for i, label in enumerate(labels) if labels.count(label) > 1 and depth[i] < len(parts[i])]
+        if not clashing:
+            break
+        for i in clashing:
+            depth[i] += 1
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):  # the same folder twice (refused by run configs)
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            labels[i] = f"{label}#{seen[label]}"
+    return labels
+
+
+def _hash_files(files: list[Path], names: bool = False) -> str:
+    """Content hash of ``files`` in order (with their names when ``names``), memoised per
+    process by (path, size, mtime): validation, the basis, baselines and the registry all
+    ask, and hashing a 7B checkpoint takes a while."""
+    stats = [(f, f.stat()) for f in files]
+    stamp = (names, *((str(f.resolve()), st.st_size, st.st_mtime_ns) for f, st in stats))
+    if stamp not in _FINGERPRINTS:
+        h = hashlib.blake2b(digest_size=16)
+        for f, st in stats:
+            if names:  # name and length first, so no two file sets hash alike
+                h.update(f"{f.name}:{st.st_size}\n".encode())
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+        _FINGERPRINTS[stamp] = h.hexdigest()
+    return _FINGERPRINTS[stamp]

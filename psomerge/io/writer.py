@@ -11,6 +11,7 @@ model, nor destroys a model already there.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -147,7 +148,8 @@ def write_checkpoint(
         floating = info.dtype.is_floating_point
         plan.append((name, info.shape, (dtype or info.dtype) if floating else info.dtype))
     private = _is_private([reference, *inputs])
-    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    _remove_abandoned_staging(out_dir)
+    staging = out_dir.with_name(f"{_STAGING_PREFIX.format(out_dir.name)}{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(mode=0o700 if private else 0o755)
     try:
@@ -164,10 +166,36 @@ def write_checkpoint(
             for f in staging.iterdir():
                 f.chmod(0o600)
         _replace_dir(staging, out_dir)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk, a file-size limit, a read-only folder
+            kept = "the model already there is unchanged" if out_dir.exists() else "nothing was written"
+            raise CheckpointError(f"cannot write {out_dir} ({exc.strerror or exc}); {kept}") from exc
         raise
     return out_dir
+
+
+_STAGING_PREFIX = ".{}.partial-"  # then the writing process's id
+
+
+def _remove_abandoned_staging(out_dir: Path) -> None:
+    """Remove staging folders beside ``out_dir`` left by writers that died (killed, or the
+    machine went down) before they could clean up: they are never models."""
+    prefix = _STAGING_PREFIX.format(out_dir.name)
+    for folder in out_dir.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = folder.name.removeprefix(prefix)
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _is_private(checkpoints: Sequence[Model]) -> bool:
@@ -182,7 +210,11 @@ def _replace_dir(new: Path, dst: Path) -> None:
     old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
     shutil.rmtree(old, ignore_errors=True)
     dst.rename(old)
-    new.rename(dst)
+    try:
+        new.rename(dst)
+    except BaseException:
+        old.rename(dst)  # put the previous model back
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -47,15 +47,19 @@ def baseline_recipe(name: str, base: Path, experts: list[Path], seed: int = 0,
 
 def baseline_checkpoint(name: str, base: Path, experts: list[Path], seed: int, root: Path,
                         tokenizer_source: str | None = None, progress: Progress = SILENT) -> Path:
-    """The baseline merged into ``root/<name>/<tag>`` (once): the folder is named by the recipe
-    and the merge code's version, so a stale merge is never reused."""
-    from psomerge.io import Checkpoint
+    """The baseline merged into ``root/<name>/<tag>`` (once). The tag covers the recipe, the
+    content of base and experts (weights, config, tokenizer; an adapter's files) and the merge
+    code's version, so a stale merge is never reused: an expert retrained in place gets a new
+    merge. (Merges of earlier versions stay until removed: ``root`` may be shared by runs.)"""
+    from psomerge.io import Checkpoint, open_model
     from psomerge.merging.engine import run_merge
 
     recipe = baseline_recipe(name, base, experts, seed, tokenizer_source)
-    out = Path(root) / name / digest(recipe.model_dump_json() + MERGE_CODE_VERSION, 6)
+    base_model = Checkpoint(base, name=str(base))
+    contents = [base_model.fingerprint(), *(open_model(p, base=base_model).fingerprint() for p in experts)]
+    out = Path(root) / name / digest([recipe.model_dump_json(), contents, MERGE_CODE_VERSION], 6)
     if not (out / "config.json").exists():
-        task = progress.start(f"merging {name}", len(Checkpoint(base).tensor_names))
+        task = progress.start(f"merging {name}", len(base_model.tensor_names))
         try:
             run_merge(recipe, out, on_tensor=lambda _: task.advance())
         finally:

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from psomerge.errors import CheckpointError, ConfigError
 from psomerge.hashing import digest
-from psomerge.io import Checkpoint, Model, check_compatible, open_model, write_checkpoint
+from psomerge.io import Checkpoint, Model, check_compatible, model_labels, open_model, write_checkpoint
 from psomerge.io.vocab import AlignedModel, TokenizerSource, align_vocabularies
 from psomerge.progress import SILENT, Progress
 from psomerge.swarm.masks import DareMask, dare_masks_for, tensor_spans, unpack_bits
@@ -424,7 +424,8 @@ def build_basis(
     expert_cks = [open_model(e, name=str(e), base=base_ck) for e in experts]
     base_ck, expert_cks = align_vocabularies(base_ck, expert_cks, settings.tokenizer_source)
     extra_cks = [Checkpoint(path, name=label) for label, path in extra_members]
-    labels = (["base"] + [f"expert:{Path(e).name}" for e in experts] + [f"dare:{Path(e).name}" for e in experts]
+    names = model_labels(experts)  # distinct even where two expert folders share a name
+    labels = (["base"] + [f"expert:{n}" for n in names] + [f"dare:{n}" for n in names]
               + [label for label, _ in extra_members])
     for label, _ in extra_members:
         if labels.count(label) > 1:

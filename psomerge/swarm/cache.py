@@ -1,9 +1,12 @@
 """Persistent fitness cache: an identical particle is never scored twice, in any run.
 
 A particle's key = hash(basis fingerprint, coefficients rounded to ``PRECISION``, evaluation
-fingerprint (eval suites with their data, splits and scorer configs, and generation
-settings), split). A checkpoint folder (a static merge) is keyed by its content hash instead
-of coefficients. Stored in SQLite (psomerge.kvstore), safe under concurrent writers.
+fingerprint, split, ``SCORING_VERSION``). The basis fingerprint covers the content of base
+and experts (weights, config.json, generation_config.json, tokenizer files) and the DARE
+settings; the evaluation fingerprint covers each suite's data (every field of every record),
+split sizes and seed, scorer config and weight, and the generation settings. A checkpoint
+folder (a static merge) is keyed by its content hash instead of coefficients. Stored in
+SQLite (psomerge.kvstore), safe under concurrent writers.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from psomerge.hashing import digest
 from psomerge.kvstore import SqliteKV
 
 PRECISION = 1e-6  # coefficients equal to this precision are the same particle
+# Bump when a change to psomerge's generation or scoring code changes the score of the same
+# model on the same data: every cached score is then measured again.
+SCORING_VERSION = "2"
 
 
 def particle_key(basis_fingerprint: str, coeffs: np.ndarray, eval_fingerprint: str,
@@ -26,12 +32,12 @@ def particle_key(basis_fingerprint: str, coeffs: np.ndarray, eval_fingerprint: s
     rounded = np.round(np.asarray(coeffs, dtype=np.float64) / PRECISION).astype(np.int64)
     rounded[rounded == 0] = 0  # -0 and 0 are one particle
     scope = eval_fingerprint if split == "optimisation" else f"{eval_fingerprint}:{split}"
-    return digest([basis_fingerprint, list(rounded.shape), rounded.ravel().tolist(), scope], 20)
+    return digest([basis_fingerprint, list(rounded.shape), rounded.ravel().tolist(), scope, SCORING_VERSION], 20)
 
 
 def checkpoint_key(checkpoint_fingerprint: str, eval_fingerprint: str, split: str) -> str:
     """Key of a checkpoint folder's scores on one split."""
-    return f"folder:{checkpoint_fingerprint}:{eval_fingerprint}:{split}"
+    return f"folder:{checkpoint_fingerprint}:{eval_fingerprint}:{split}:{SCORING_VERSION}"
 
 
 @dataclass(frozen=True)

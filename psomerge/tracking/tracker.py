@@ -15,6 +15,7 @@ from psomerge.config import RunConfig
 from psomerge.evaluation import EvalResult
 from psomerge.evaluation.gate import GateScores
 from psomerge.hashing import digest
+from psomerge.io import model_labels
 from psomerge.pipeline import BasisInfo, Registration, Row, RunResult
 from psomerge.swarm.basis import COEFFICIENTS_FILE
 from psomerge.swarm.run import StepReport
@@ -36,7 +37,8 @@ class MLflowTracker:
         self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{config.name}-{config.optimizer.type}")
         if run_id is None:
             mlflow.log_params(registry.flatten(config.model_dump(mode="json")))
-            mlflow.set_tags({f"fingerprint.{Path(k).name}": v for k, v in info.fingerprints.items()})
+            labels = model_labels(list(info.fingerprints))  # distinct where folders share a name
+            mlflow.set_tags({f"fingerprint.{label}": v for label, v in zip(labels, info.fingerprints.values())})
         self.info = info
         return {"mlflow_run_id": self.run.info.run_id}
 
