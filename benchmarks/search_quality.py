@@ -63,8 +63,8 @@ class Recorder(InProcessScoring):
         self.log = []
         self._seen: set[str] = set()
 
-    def score(self, positions, targets):
-        results = super().score(positions, targets)
+    def score(self, positions, targets, progress=None):
+        results = super().score(positions, targets, progress)
         for x, r in zip(positions, results):
             key = self.context.evaluator.fitness_key(x)
             if key in self._seen:
@@ -84,7 +84,8 @@ def method_config(base: dict, method: str, budget: int, seed: int) -> dict:
     cfg["name"] = f"study-{method}-s{seed}"
     k_steps = 1000  # budgets stop the searches, not steps
     if method == "paper":
-        cfg.update(preset="paper", optimizer={"type": "pso", "steps": k_steps, "seed": seed})
+        cfg.update(preset="paper", optimizer={"type": "pso", "steps": k_steps, "seed": seed},
+                   warm_start=None, racing=None, selection=None)
         for s in cfg["suites"]:
             s.pop("fitness", None)
     elif method == "psomerge":
@@ -95,9 +96,7 @@ def method_config(base: dict, method: str, budget: int, seed: int) -> dict:
                      "cmaes": {"type": "cmaes", "budget": budget}, "random": {"type": "random", "budget": budget},
                      "ta_grid": {"type": "ta_grid", "budget": budget}}[method]
         cfg.update(preset="paper" if method == "model_swarms" else "psomerge",
-                   optimizer={**optimizer, "seed": seed})
-        if method != "model_swarms":
-            cfg.update(warm_start=None, racing=None, selection=None)
+                   optimizer={**optimizer, "seed": seed}, warm_start=None, racing=None, selection=None)
         for s in cfg["suites"]:
             s.pop("fitness", None)
     return cfg
@@ -110,6 +109,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="40,100,200")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--spec", default="{}", help="preset build settings as JSON (TinySpec / SmolSpec fields)")
     args = ap.parse_args()
     budgets = [int(b) for b in args.budgets.split(",")]
     from psomerge.config import RunConfig
@@ -117,9 +117,12 @@ def main() -> None:
     from psomerge.presets.tiny import build_tiny, tiny_run_config
 
     if args.preset == "tiny":
-        base = tiny_run_config(build_tiny(data_dir())).model_dump(mode="json")
+        from psomerge.presets.tiny import TinySpec
+
+        base = tiny_run_config(build_tiny(data_dir(), TinySpec(**json.loads(args.spec)))).model_dump(mode="json")
     else:
-        base = smollm2_run_config(build_smollm2(data_dir(), SmolSpec())).model_dump(mode="json")
+        spec = SmolSpec(**json.loads(args.spec))
+        base = smollm2_run_config(build_smollm2(data_dir(), spec), spec).model_dump(mode="json")
     max_budget = max(budgets)
     results: dict = {"preset": args.preset, "budgets": budgets, "seeds": args.seeds, "methods": {}, "rows": {}}
     contexts: dict[str, RunContext] = {}
@@ -163,8 +166,8 @@ def _run_until(cfg, recorder: Recorder, budget: int) -> None:
 
     original = recorder.score
 
-    def score(positions, targets):
-        results = original(positions, targets)
+    def score(positions, targets, progress=None):
+        results = original(positions, targets, progress)
         if len(recorder.log) >= budget:
             raise Enough
         return results
