@@ -110,19 +110,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--spec", default="{}", help="preset build settings as JSON (TinySpec / SmolSpec fields)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="override a run-config key for every method, e.g. basis.granularity='\"layer\"'; "
+                         "suites.*.KEY sets KEY in every suite")
     args = ap.parse_args()
     budgets = [int(b) for b in args.budgets.split(",")]
     from psomerge.config import RunConfig
-    from psomerge.presets.smollm2 import SmolSpec, build_smollm2, smollm2_run_config
-    from psomerge.presets.tiny import build_tiny, tiny_run_config
 
-    if args.preset == "tiny":
-        from psomerge.presets.tiny import TinySpec
-
-        base = tiny_run_config(build_tiny(data_dir(), TinySpec(**json.loads(args.spec)))).model_dump(mode="json")
-    else:
-        spec = SmolSpec(**json.loads(args.spec))
-        base = smollm2_run_config(build_smollm2(data_dir(), spec), spec).model_dump(mode="json")
+    base = base_config(args.preset, args.spec)
+    base = with_settings(base, args.set)
     max_budget = max(budgets)
     results: dict = {"preset": args.preset, "budgets": budgets, "seeds": args.seeds, "methods": {}, "rows": {}}
     contexts: dict[str, RunContext] = {}
@@ -157,6 +153,33 @@ def main() -> None:
     print_table(results, reference)
     if args.json:
         args.json.write_text(json.dumps(results))
+
+
+def base_config(preset: str, spec: str = "{}") -> dict:
+    """The preset's run config (its experts built first, cached), as a dict."""
+    if preset == "tiny":
+        from psomerge.presets.tiny import TinySpec, build_tiny, tiny_run_config
+
+        return tiny_run_config(build_tiny(data_dir(), TinySpec(**json.loads(spec)))).model_dump(mode="json")
+    from psomerge.presets.smollm2 import SmolSpec, build_smollm2, smollm2_run_config
+
+    smol = SmolSpec(**json.loads(spec))
+    return smollm2_run_config(build_smollm2(data_dir(), smol), smol).model_dump(mode="json")
+
+
+def with_settings(config: dict, settings: list[str]) -> dict:
+    """``config`` with KEY=JSON overrides applied (``suites.*.KEY`` in every suite)."""
+    from psomerge.config import apply_overrides
+
+    for item in settings:
+        key, _, value = item.partition("=")
+        parsed = json.loads(value)
+        if key.startswith("suites.*."):
+            config = {**config, "suites": [apply_overrides(s, {key[len("suites.*."):]: parsed})
+                                           for s in config["suites"]]}
+        else:
+            config = apply_overrides(config, {key: parsed})
+    return config
 
 
 def _run_until(cfg, recorder: Recorder, budget: int) -> None:

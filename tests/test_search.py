@@ -196,6 +196,19 @@ def test_bootstrap_against_a_hand_computed_distribution():
     assert up.p_not_better == 0.0 and up.difference.mean == pytest.approx(1 - x.mean())
 
 
+def test_rank_correlation_against_a_hand_computation():
+    from psomerge.evaluation.statistics import rank_correlation
+
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks a = 1, 2, 3, 4; b = 1.5, 1.5, 4, 3 (a tie): centred a = -1.5, -.5, .5, 1.5, b = -1, -1, 1.5, .5;
+    # sum ab = 1.5 + .5 + .75 + .75 = 3.5; |a|^2 = 5, |b|^2 = 4.5: rho = 3.5 / sqrt(22.5)
+    assert rank_correlation([0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.9, 0.7]) == pytest.approx(3.5 / math.sqrt(22.5))
+    assert math.isnan(rank_correlation([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError):
+        rank_correlation([1, 2], [1])
+
+
 def test_warm_start_particles_materialise_to_the_static_merges(tmp_path, family):
     from safetensors.torch import load_file
 

@@ -75,3 +75,27 @@ def paired_bootstrap(a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[
     mean = weighted_score(a, weights) - weighted_score(b, weights)
     return Comparison(Interval(mean, float(np.quantile(diffs, tail)), float(np.quantile(diffs, 1 - tail))),
                       float(np.mean(diffs <= margin)))
+
+
+def _ranks(values: Sequence[float]) -> np.ndarray:
+    """Ranks from 1, ties sharing the mean of the ranks they span."""
+    v = np.asarray(values, dtype=np.float64)
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(len(v))
+    i = 0
+    while i < len(v):
+        j = i
+        while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+            j += 1
+        ranks[order[i: j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (Pearson's on tie-averaged ranks); nan where either side is constant."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"rank correlation needs two equally long series of 2 or more values ({len(a)}, {len(b)})")
+    ra, rb = _ranks(a) - (len(a) + 1) / 2, _ranks(b) - (len(b) + 1) / 2
+    denominator = float(np.sqrt((ra ** 2).sum() * (rb ** 2).sum()))
+    return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
