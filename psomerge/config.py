@@ -193,6 +193,10 @@ class RunConfig(StrictModel):
             if not Path(path).is_dir():
                 raise ConfigError(f"{where}: key {key!r}: model folder {path} does not exist")
         for i, s in enumerate(self.suites):
+            folders = {"chat.tokenizer": s.chat.tokenizer if s.chat else None}
+            for key, folder in folders.items():
+                if folder is not None and not Path(folder).is_dir():
+                    raise ConfigError(f"{where}: key 'suites[{i}].{key}': folder {folder} does not exist")
             if not Path(s.dataset).exists():
                 raise ConfigError(f"{where}: key 'suites[{i}].dataset': {s.dataset} does not exist")
         if isinstance(self.generation, VLLMSettings):
