@@ -291,8 +291,8 @@ def run_provenance(config: RunConfig, info: BasisInfo) -> dict[str, Any]:
     the content of base and experts, each suite's data and settings, the basis and the
     evaluation fingerprints. Model selection runs after the search: not compared."""
     # a suite's scorer is compared by its fingerprint (what changes scores, not e.g. concurrency); its chat
-    # template by what it gives, the rendered prompts in its data fingerprint
-    suites = {s.name: s.model_dump(mode="json", exclude={"name", "dataset", "judge", "chat"})
+    # template and lm-eval task by what they give, the rendered prompts and task config in its data fingerprint
+    suites = {s.name: s.model_dump(mode="json", exclude={"name", "dataset", "judge", "chat", "lm_eval"})
               for s in config.suites}
     settings = _flatten({"suites": suites, "generation": config.generation.cache_config(),
                          "basis": config.basis.model_dump(mode="json", exclude={"storage"}),

@@ -4,7 +4,8 @@
 optimisation split, read by the search, and a held-out split, read only by the final
 evaluation: both come from one seeded permutation, so they are disjoint by construction.
 Prompts are a template filled from each record, optionally rendered through a chat template
-(``chat``).
+(``chat``); or a suite is an lm-evaluation-harness task (``lm_eval``), whose documents,
+prompts and metric come from lm-eval (``lm_eval_suite.py``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
+from pydantic_core import to_jsonable_python
 
 from psomerge.errors import ConfigError
 from psomerge.evaluation.chat import ChatSettings, ChatTemplate, chat_messages, draw_shots
+from psomerge.evaluation.lm_eval_suite import LMEvalSettings
 from psomerge.evaluation.splits import Split, split_order, split_positions
 from psomerge.hashing import digest
 from psomerge.judges.factory import JudgeSettings, make_scorer
@@ -38,11 +41,15 @@ class FitnessTerm(StrictModel):
     weight: float = Field(1.0, gt=0)
 
 
+# keys of a suite over a data file; an lm_eval suite takes them from its task
+_FILE_KEYS = ("dataset", "dataset_split", "prompt_template", "answer_field", "id_field", "judge")
+
+
 class SuiteSettings(StrictModel):
-    """One eval suite in a run config (``suites:``)."""
+    """One eval suite in a run config (``suites:``): a data file, or an lm-eval task."""
 
     name: str
-    dataset: Path  # .jsonl, .csv, .parquet, or a folder written by datasets' save_to_disk
+    dataset: Path | None = None  # .jsonl, .csv, .parquet, or a folder written by datasets' save_to_disk
     dataset_split: str | None = None  # for a saved DatasetDict
     prompt_template: str = "{question}"
     answer_field: str = "answer"
@@ -57,8 +64,39 @@ class SuiteSettings(StrictModel):
     # always show the judge
     fitness: list[FitnessTerm] = Field(default_factory=lambda: [FitnessTerm()], min_length=1)
     chat: ChatSettings | None = None  # render prompts through a tokenizer's chat template
+    lm_eval: LMEvalSettings | None = None  # an lm-evaluation-harness task instead of a data file
 
     check_templates = field_validator_for("prompt_template")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_source(cls, data: Any) -> Any:
+        """A data file or an lm-eval task; the keys of one do not apply to the other (a key at its
+        default is no choice: a dumped config holds every key, and must load again)."""
+        if not isinstance(data, dict):
+            return data
+        name = data.get("name", "?")
+        if data.get("lm_eval") is None:
+            if data.get("dataset") is None:
+                raise ValueError(f"suite {name!r}: set 'dataset' (a data file) or 'lm_eval' (an lm-evaluation-harness "
+                                 "task)")
+            return data
+        for key in _FILE_KEYS:
+            if _chosen(data, key, cls.model_fields[key].default):
+                raise ValueError(f"suite {name!r} is an lm_eval suite: {key!r} does not apply (its task gives "
+                                 "documents, prompts and metric); remove it")
+        chat = data.get("chat")
+        for key in ("shots", "shot_answer_template"):
+            if isinstance(chat, (dict, ChatSettings)) and _chosen(
+                    chat if isinstance(chat, dict) else chat.model_dump(), key, ChatSettings.model_fields[key].default):
+                raise ValueError(f"suite {name!r} is an lm_eval suite: 'chat.{key}' does not apply (its task's "
+                                 "few-shot examples are set by lm_eval.num_fewshot); remove it")
+        return data
+
+
+def _chosen(data: dict[str, Any], key: str, default: Any) -> bool:
+    """Whether ``data`` sets ``key`` to something other than its default."""
+    return key in data and to_jsonable_python(data[key]) != to_jsonable_python(default)
 
 
 def _default(name: str) -> Any:
@@ -155,11 +193,21 @@ class EvalSuite:
         """The suite ``s`` describes; ``base_model`` (the run's base folder) is where a chat
         template is read from unless ``chat.tokenizer`` names another folder."""
         splits = {k: getattr(s, k) for k in _SPLIT_KEYS}
-        judge = make_scorer(s.judge, judge_cache=judge_cache)
+        if s.lm_eval is not None:
+            from psomerge.evaluation.lm_eval_suite import load_lm_eval_task
+
+            chat = ChatTemplate.for_suite(s.name, s.chat, base_model) if s.chat is not None else None
+            examples, judge, task_config = load_lm_eval_task(s.name, s.lm_eval, chat=chat,
+                                                             system=s.chat.system if s.chat else None, **splits)
+        else:
+            judge = make_scorer(s.judge, judge_cache=judge_cache)
         fitness = None
         if [(t.scorer, t.weight) for t in s.fitness] != [("judge", 1.0)]:
             fitness = [(judge if t.scorer == "judge" else make_scorer(t.scorer, judge_cache=judge_cache), t.weight)
                        for t in s.fitness]
+        if s.lm_eval is not None:  # the task's config is part of its data: documents, prompts and metric
+            return cls(s.name, examples, judge, weight=s.weight, fitness=fitness,
+                       data_fingerprint=digest([examples_fingerprint(examples), task_config]), **splits)
         return cls.from_file(s.name, s.dataset, s.dataset_split, prompt_template=s.prompt_template,
                              answer_field=s.answer_field, id_field=s.id_field, scorer=judge, weight=s.weight,
                              fitness=fitness, chat=s.chat, base_model=base_model, **splits)
