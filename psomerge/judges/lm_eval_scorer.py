@@ -85,7 +85,7 @@ class LMEvalScorer(LikelihoodScorer):
         self.task, self.metric, self.filter_name, self.chat, self.suite = task, metric, filter_name, chat, suite
         self._config = {"type": self.name, "task": task.task_name, "metric": metric, "filter": filter_name,
                         "chat": chat, "task_config": task_config}
-        self._filters = [f for f in task._filters if f.name == filter_name]
+        self._filter = next(f for f in task._filters if f.name == filter_name)
 
     def config(self) -> dict[str, Any]:
         return dict(self._config)
@@ -105,8 +105,7 @@ class LMEvalScorer(LikelihoodScorer):
         for request_type, requests in by_type.items():
             for r, response in zip(requests, getattr(lm, request_type)(requests), strict=True):
                 r.resps.append(response)
-        for pipeline in self._filters:
-            pipeline.apply([r for requests in per_doc for r in requests])
+        self._filter.apply([r for requests in per_doc for r in requests])
         scores = []
         for ex, requests in zip(examples, per_doc):
             requests.sort(key=lambda r: r.idx)
