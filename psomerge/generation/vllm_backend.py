@@ -189,14 +189,17 @@ class VLLMGenerator:
         self.timings.pushes += 1
         self.timings.push_seconds += reply["seconds"]
 
-    def generate(self, prompts: Sequence[str]) -> list[str]:
-        reply = self._request({"op": "generate", "prompts": list(prompts), "max_tokens": self.max_new_tokens,
-                               "stop": list(self.stop)})
+    def generate(self, prompts: Sequence[str], *, stop: Sequence[str] | None = None,
+                 max_new_tokens: int | None = None) -> list[str]:
+        stop = self.stop if stop is None else tuple(stop)
+        max_new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        reply = self._request({"op": "generate", "prompts": list(prompts), "max_tokens": max_new_tokens,
+                               "stop": list(stop)})
         self.timings.generate_seconds += reply["seconds"]
         self.stats.calls += 1
         self.stats.prompts += len(prompts)
         self.stats.new_tokens += int(reply["tokens"])
-        return [cut_at_stop(t, self.stop) for t in reply["texts"]]
+        return [cut_at_stop(t, stop) for t in reply["texts"]]
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]], append_eos: bool = False) -> list[Continuation]:
         """Tokenised here as the transformers backend does, scored by the engine's prompt log-probs."""
