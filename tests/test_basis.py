@@ -166,6 +166,26 @@ def test_bf16_members_stay_bf16_and_give_the_fp32_upcast_result(tmp_path, bf16_f
         assert torch.equal(p, q), name
 
 
+def test_spec_reopens_the_same_basis_and_members_are_read_on_the_first_particle(tmp_path, family):
+    """What another process (a vLLM engine's) needs to hold the basis: its spec, as JSON."""
+    import json
+
+    base, experts = family
+    basis = build_basis(base, experts, tmp_path / "b", BasisSettings(drop_rate=P, seed=SEED, granularity="layer"))
+    assert not basis._layout._held.is_set()  # a held layout reads its members on the first particle
+    again = Basis.from_spec(json.loads(json.dumps(basis.spec)), "ram")
+    assert (again.fingerprint, again.labels, again.group_labels) == (basis.fingerprint, basis.labels,
+                                                                     basis.group_labels)
+    assert [m.path for m in again.masks] == [m.path for m in basis.masks]
+    alpha = affine(np.random.default_rng(4), basis.num_groups, basis.k)
+    ref = Checkpoint(base)
+    ours, theirs = ({n: torch.empty(ref.info(n).shape) for n in basis.names} for _ in range(2))
+    basis.materialise(alpha, ours)
+    again.materialise(alpha, theirs)
+    assert basis._layout._held.is_set()
+    assert all(torch.equal(ours[n], theirs[n]) for n in basis.names)
+
+
 def test_extra_members_follow_the_dare_members(tmp_path, family):
     base, experts = family
     plain = build_basis(base, experts, tmp_path / "b", BasisSettings(drop_rate=P, seed=SEED))

@@ -22,10 +22,10 @@ import torch
 
 from psomerge.errors import ConfigError
 from psomerge.generation.settings import TransformersSettings, VLLMSettings
-from psomerge.io import Checkpoint, Model, align_vocabularies, check_compatible, open_model
+from psomerge.io import Model, check_compatible
 from psomerge.io.checkpoint import DTYPES
 from psomerge.io.layout import itemsize
-from psomerge.swarm.basis import BasisSettings, floating_names
+from psomerge.swarm.basis import BasisSettings, floating_names, open_members
 from psomerge.swarm.masks import packed_size
 from psomerge.swarm.materialise import CHUNK_ENTRIES
 
@@ -130,10 +130,7 @@ def plan_memory(
     ``host_memory``): only headers, adapter and tokenizer configs are read. ``planned_extras``:
     extra members not written yet (warm-start static merges, stored like the base);
     ``judge_servers``: (suite, memory_fraction) of each vLLM judge server the run starts on the GPU."""
-    base_ck = open_model(base, name=str(base))
-    experts_ck = [open_model(e, name=str(e), base=base_ck) for e in experts]
-    base_ck, experts_ck = align_vocabularies(base_ck, experts_ck, basis.tokenizer_source)
-    extras = [Checkpoint(p, name=lbl) for lbl, p in extra_members]
+    base_ck, experts_ck, extras = open_members(base, experts, extra_members, basis.tokenizer_source)
     check_compatible(base_ck, experts_ck + extras)
     ref = ModelSize.of(base_ck)
     dense = [ref, *(ModelSize.of(c) for c in experts_ck + extras), *[ref] * planned_extras]
