@@ -202,6 +202,13 @@ class Basis:
         basis.spec = spec
         return basis
 
+    def with_storage(self, storage: Storage) -> "Basis":
+        """The same members and masks, held in ``storage``."""
+        other = Basis(self.checkpoints, self.masks, self.labels, self.fingerprint, self.granularity, storage,
+                      model_dir=self.model_dir)
+        other.spec = self.spec
+        return other
+
     @property
     def sums_like_masks(self) -> bool:
         """Whether particles are summed by the mask layout's kernel (``ram``, ``cuda``,

@@ -29,6 +29,15 @@ def writable_tensors(target: torch.nn.Module | Mapping[str, torch.Tensor]) -> Ma
     return target
 
 
+def compiled_kernels() -> bool:
+    """Whether the compiled kernels can run here (numba importable); the torch sums run otherwise."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def fused_sum_into(out: torch.Tensor, stacked: torch.Tensor, alpha: Sequence[float]) -> bool:
     """out = sum_j alpha_j * stacked[j] in one pass (read K, write once) with a compiled CPU
     kernel. False where it does not apply (no numba, not CPU fp32), so the caller falls back."""

@@ -172,12 +172,12 @@ def _place_members(plan: MemoryPlan, basis: BasisSettings, dense: list[ModelSize
         plan.members_on = "host memory (fp32, DARE members sparse)"
     if storage == "pinned":
         plan.allocations.append(Allocation(GPU, "staging of one tensor chunk of every member (fp32)",
-                                           _staging_bytes(ref, len(dense))))
+                                           sum_scratch_bytes(ref, len(dense))))
 
 
-def _staging_bytes(ref: ModelSize, dense_members: int) -> int:
-    """GPU temporaries of the chunked sum of members held on the host: each member's chunk in
-    fp32, one task-vector chunk, and the unpacked mask bytes."""
+def sum_scratch_bytes(ref: ModelSize, dense_members: int) -> int:
+    """GPU temporaries of the chunked (torch) sum: each member's chunk in fp32, one term
+    chunk, and the unpacked mask bytes."""
     staged = min(ref.largest, CHUNK_ENTRIES)
     return (dense_members + 1) * staged * 4 + 3 * staged
 
@@ -220,7 +220,7 @@ def _place_resident(plan: MemoryPlan, generation: TransformersSettings, basis: B
         plan.allocations.append(Allocation(GPU, "CUDA context and allocator slack (estimate)", CUDA_CONTEXT))
         if basis.storage == "cuda":
             members = sum(a.nbytes for a in plan.allocations if a.what.startswith(("basis members", "DARE masks")))
-            without = plan.used(GPU) - members + _staging_bytes(ref, dense_members)
+            without = plan.used(GPU) - members + sum_scratch_bytes(ref, dense_members)
             if plan.used(GPU) > (plan.capacity[GPU] or 0) and without <= (plan.capacity[GPU] or 0):
                 plan.notes.append(f"basis.storage: pinned would keep the members ({gib(members)}) in host memory "
                                   f"and need {gib(without)} of GPU memory")
