@@ -137,6 +137,7 @@ class VLLMGenerator:
         self.timings.start_seconds = time.perf_counter() - start
         self.engine_dtype = ready["dtype"]
         self.device = ready.get("device", "unknown")
+        self.device_name = ready.get("device_name", self.device)
         log.info("vLLM engine ready in %.1fs (%s, %s)", self.timings.start_seconds, self.engine_dtype, self.device)
         self._resolve_weight_update(ready.get("in_engine") or {})
 

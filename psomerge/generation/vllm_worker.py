@@ -5,7 +5,7 @@ The parent (`psomerge.generation.vllm_backend.VLLMGenerator`) starts it as
 ``<vllm python> vllm_worker.py '{"engine": <vllm.LLM kwargs>, "weight_update": ..., "cpu_linear": ...}'``
 and speaks JSON lines:
 
-    worker -> parent   {"event": "ready", "seconds": ..., "dtype": "float32", "device": "cpu",
+    worker -> parent   {"event": "ready", "seconds": ..., "dtype": "float32", "device": "cpu", "device_name": ...,
                         "in_engine": {"possible": true, "reason": "", "tensors": 21, "kernel": "numba"}}
     parent -> worker   {"op": "load", "path": "/dev/shm/....safetensors"}   reload from the shared file
                        {"op": "basis", "spec": {...}, "storage": "ram"}      hold the basis here
@@ -70,7 +70,7 @@ def main() -> int:
     device = str(getattr(llm.llm_engine.vllm_config.device_config, "device_type", "unknown"))
     engine = InEngine(llm, engine_kwargs["model"], device) if options.get("weight_update") != "shared_file" else None
     send({"event": "ready", "seconds": time.perf_counter() - start,
-          "dtype": str(model_config.dtype).removeprefix("torch."), "device": device,
+          "dtype": str(model_config.dtype).removeprefix("torch."), "device": device, "device_name": device_name(device),
           "in_engine": engine.report if engine else {"possible": False, "reason": "not probed (shared_file)"}})
 
     for line in sys.stdin:
@@ -109,6 +109,19 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001 - the engine stays up; the parent decides
             send({"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()})
     return 0
+
+
+def device_name(device: str) -> str:
+    """The accelerator's name (CUDA), else the CPU model."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), device)
+    except OSError:
+        return device
 
 
 def import_psomerge() -> None:
