@@ -114,8 +114,8 @@ def measure(basis, args, cpu_linear: str, particles: list, ps: list[str]) -> dic
                   enforce_eager=not args.cuda_graphs, cpu_linear=cpu_linear)
     t = time.perf_counter()
     gen = VLLMGenerator(basis.model_dir, weight_update="auto", **engine)
-    row = {"engine": f"{gen.device}, {gen.engine_dtype}" + (f", cpu_linear {cpu_linear}" if gen.device == "cpu" else ""),
-           "device_name": gen.device_name, "path": gen.weight_update, "start": time.perf_counter() - t}
+    label = f"{gen.device}, {gen.engine_dtype}" + (f", cpu_linear {cpu_linear}" if gen.device == "cpu" else "")
+    row = {"engine": label, "device_name": gen.device_name, "path": gen.weight_update, "start": time.perf_counter() - t}
     print(f"  engine ready in {row['start']:.1f} s; weight update {gen.weight_update}: {gen.weight_update_reason}",
           flush=True)
     try:

@@ -115,20 +115,19 @@ def probe_engine(model: torch.nn.Module, checkpoint: str | Path, on_cpu: bool) -
         if packed:
             return EngineWeights(False, f"the CPU backend computes {len(packed)} layers from packed copies of their "
                                         f"weights (e.g. {packed[0]}); generation.vllm.cpu_linear: plain keeps them")
-    ckpt = Checkpoint(checkpoint)
-    names = [n for n in ckpt.tensor_names if ckpt.info(n).dtype.is_floating_point]
-    landings, skipped = _record_landings(model, ckpt, names)
-    if isinstance(landings, str):
-        return EngineWeights(False, landings)
-    mapped = EngineWeights(True, "", landings, skipped, {n: tuple(p.shape) for n, p in _parameters(model).items()})
-    first, more = mapped.targets(model)
-    for name in first:  # the slices hold what the engine loaded: the map is right and nothing was transformed
-        loaded = ckpt.get(name)
-        for view in [first[name], *more.get(name, [])]:
-            if not torch.equal(view, loaded.to(device=view.device, dtype=view.dtype)):
-                return EngineWeights(False, f"checkpoint tensor {name} does not read back from the engine parameter "
-                                            f"{landings[name][0].param} where its loader put it")
-    ckpt.close()
+    with Checkpoint(checkpoint) as ckpt:
+        names = [n for n in ckpt.tensor_names if ckpt.info(n).dtype.is_floating_point]
+        landings, skipped = _record_landings(model, ckpt, names)
+        if isinstance(landings, str):
+            return EngineWeights(False, landings)
+        mapped = EngineWeights(True, "", landings, skipped, {n: tuple(p.shape) for n, p in _parameters(model).items()})
+        first, more = mapped.targets(model)
+        for name in first:  # the slices hold what the engine loaded: the map is right and nothing was transformed
+            loaded = ckpt.get(name)
+            for view in [first[name], *more.get(name, [])]:
+                if not torch.equal(view, loaded.to(device=view.device, dtype=view.dtype)):
+                    return EngineWeights(False, f"checkpoint tensor {name} does not read back from the engine "
+                                                f"parameter {landings[name][0].param} where its loader put it")
     return mapped
 
 

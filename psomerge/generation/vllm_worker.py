@@ -87,7 +87,8 @@ def main() -> int:
                 loaded = load_weights(llm, request["path"])
                 send({"ok": True, "seconds": time.perf_counter() - t, "tensors": loaded})
             elif op == "basis":
-                send({"ok": True, **engine.hold(request["spec"], request["storage"]), "seconds": time.perf_counter() - t})
+                held = engine.hold(request["spec"], request["storage"])
+                send({"ok": True, **held, "seconds": time.perf_counter() - t})
             elif op == "particle":
                 engine.write(request["coefficients"])
                 send({"ok": True, "seconds": time.perf_counter() - t})
