@@ -181,9 +181,14 @@ class RunConfig(StrictModel):
         cfg = validate(cls, data, source)
         cfg.source = source
         if isinstance(cfg.generation, VLLMSettings) and cfg.basis.resident_device == "cuda":
-            # the particle is summed on the host into the file the engine reloads from
+            # the engine owns the GPU: its process places the basis itself (in_engine), or the host sums (shared_file)
             raise ConfigError(f"{source}: basis.storage: {cfg.basis.storage!r} does not combine with "
                               "generation.backend 'vllm' (the vLLM engine owns the GPU); use ram, compact or mmap")
+        if isinstance(cfg.generation, VLLMSettings) and cfg.generation.vllm.weight_update == "in_engine" \
+                and cfg.basis.storage in ("ram_dense", "compact"):
+            # the engine holds the mask layout, whose bits these layouts do not reproduce
+            raise ConfigError(f"{source}: generation.vllm.weight_update: in_engine needs basis.storage ram or mmap "
+                              f"(the engine's process sums with the mask layout), not {cfg.basis.storage!r}")
         if check_paths:
             cfg.check_paths()
         return cfg

@@ -2,8 +2,10 @@
 
 A backend keeps one model resident for a whole run. The swarm writes each particle into
 its weights (``weights``: a torch model, or a name -> tensor mapping) and calls
-``weights_changed()``; ``generate`` then answers with those weights. What changes answers
-is the backend's settings (``settings.py``), part of every cache key.
+``weights_changed()``; ``generate`` then answers with those weights. A backend whose model
+lives in another process may also take a particle as coefficients (``load_coefficients(basis,
+coeffs)``, returning False where it does not). What changes answers is the backend's settings
+(``settings.py``), part of every cache key.
 """
 
 from __future__ import annotations
