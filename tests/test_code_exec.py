@@ -240,6 +240,15 @@ for fd in range(3, 64):
     except OSError:
         pass
 """,
+    # the processes around the harness: its parent, every process it may signal
+    "kill_the_parents": """
+import os, signal
+for pid in (os.getppid(), 0, -1):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+""",
     "ptrace_the_harness": """
 import os, subprocess
 out = subprocess.run(["gdb", "-p", "1", "-batch", "-ex", "info proc mappings"], capture_output=True).stdout
@@ -463,6 +472,100 @@ def test_a_flood_on_stderr_is_cut_and_the_timeout_holds(use_bwrap):
     outcome = scorer.run(flood)  # gigabytes a second, were they all kept
     assert time.monotonic() - start < 6
     assert outcome.status == "timeout" and len(outcome.stderr) <= STDERR_KEPT and outcome.stderr.endswith("x")
+
+
+def test_an_answer_that_is_no_text_fails_to_compile(scorer, problems):
+    [s] = scorer.score([as_example(problems[0])], ["    return '\ud800'\n"])  # a lone surrogate (JSON allows it)
+    assert s.value == 0.0 and s.meta["status"] == "failed" and "SyntaxError" in s.meta["stderr"]
+
+
+# Holds the sandbox's whole process limit for a few seconds, as a fork bomb does.
+HOLD_PROCESSES = """
+import sys
+from psomerge.judges.code_exec import CodeExec
+from psomerge.judges.protocol import Example
+hold = "import os, time\\nwhile True:\\n    try:\\n        if os.fork() == 0:\\n            time.sleep(30)\\n"\\
+       "    except OSError:\\n        time.sleep(30)\\n"
+CodeExec(program_template="{answer}", timeout=float(sys.argv[1])).score([Example("hold", "", "")], [hold])
+"""
+FORK_TEN = """
+from psomerge.judges.code_exec import CodeExec
+from psomerge.judges.protocol import Example
+ten = "import os\\nfor _ in range(10):\\n    if os.fork() == 0:\\n        os._exit(0)\\n    os.wait()\\n"
+print(CodeExec(program_template="{answer}").score([Example("ten", "", "")], [ten])[0])
+"""
+
+
+def _sandbox_processes():
+    from psomerge.judges.sandbox import RUN_UIDS
+
+    return [p for p in os.listdir("/proc") if p.isdigit() and _uid(p) in RUN_UIDS]
+
+
+def _uid(pid):
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="user ids of their own per run only as root")
+def test_a_fork_bomb_in_another_process_leaves_this_runs_process_limit_alone():
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    bomb = subprocess.Popen([sys.executable, "-c", HOLD_PROCESSES, "20"], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_sandbox_processes()) < 60:  # the bomb holds its 64 processes
+            assert bomb.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        # another process's first run (its probe aside), as a second psomerge run or a Dask worker starts
+        done = subprocess.run([sys.executable, "-c", FORK_TEN], env=env, capture_output=True, text=True, timeout=60)
+        assert "value=1.0" in done.stdout, done.stdout + done.stderr[-2000:]
+    finally:
+        bomb.kill()
+        bomb.wait()
+
+
+SCORE_A_SLEEPER = """
+import sys
+from psomerge.judges.code_exec import CodeExec
+from psomerge.judges.protocol import Example
+CodeExec(program_template="{answer}", timeout=120, use_bwrap=sys.argv[1] == "bwrap").score(
+    [Example("sleeper", "", "")], ["import time\\ntime.sleep(100)\\n"])
+"""
+
+
+@SANDBOXES
+def test_a_killed_scorer_takes_its_sandboxes_with_it(use_bwrap):
+    """`kill -9` of the scoring process (psomerge itself) mid-run: no sandbox outlives it."""
+    import psutil
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    scorer = subprocess.Popen([sys.executable, "-c", SCORE_A_SLEEPER, "bwrap" if use_bwrap else "no"], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not _sleeping_harness(psutil.Process(scorer.pid).children(recursive=True)):  # the probe's is brief
+            assert scorer.poll() is None and time.monotonic() < deadline, "the sleeper did not start"
+            time.sleep(0.1)
+        sandbox = psutil.Process(scorer.pid).children(recursive=True)
+        scorer.kill()
+        scorer.wait()
+        gone, alive = psutil.wait_procs(sandbox, timeout=5)
+        assert [p.pid for p in alive] == []
+    finally:
+        scorer.kill()
+        scorer.wait()
+
+
+def _sleeping_harness(processes):
+    """Whether one of ``processes`` is a harness that has run for a second."""
+    for p in processes:
+        try:
+            if HARNESS_TAG in " ".join(p.cmdline()) and time.time() - p.create_time() > 1:
+                return True
+        except Exception:  # noqa: BLE001 - gone meanwhile
+            pass
+    return False
 
 
 # -- a sandbox that cannot work is found at start, loudly --------------------------------------

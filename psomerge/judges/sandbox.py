@@ -58,7 +58,9 @@ from psomerge.judges.sandbox_init import seccomp_filter
 log = logging.getLogger(__name__)
 
 RUN_UIDS = range(2_000_000_000, 2_000_000_000 + 65536)  # one per run, in turn; no account's
-_run_counter = itertools.count()
+# from a random place in the range: runs of two processes (two psomerge runs, Dask workers) take
+# different user ids, so neither's processes count against the other's process limit
+_run_counter = itertools.count(secrets.randbelow(len(RUN_UIDS)))
 INIT = Path(__file__).with_name("sandbox_init.py")
 PROBE_TIMEOUT = 30.0
 # Part of the scorer's config, hence of every cache key over its scores: bump when a change here
@@ -148,7 +150,7 @@ class Sandbox:
         secret = secrets.token_hex(32).encode()
         result_r, result_w = os.pipe()
         uid = RUN_UIDS[next(_run_counter) % len(RUN_UIDS)] if self.drop_root else None
-        spec = {"mode": self.mode, "bwrap": self.bwrap, "uid": uid,
+        spec = {"mode": self.mode, "bwrap": self.bwrap, "uid": uid, "scorer": os.getpid(),
                 "argv": [self.python, "-I", "-S", "-B", "-c", HARNESS, str(result_w)],
                 "env": {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"},
                 "cpu": limits.cpu_seconds, "address_space": limits.memory_bytes, "file_size": limits.file_bytes,
@@ -160,7 +162,9 @@ class Sandbox:
         finally:
             os.close(result_w)
         try:
-            ended, err = _communicate(proc, secret + b"\n" + source.encode(), timeout, limits.memory_bytes)
+            # an answer with a lone surrogate is sent as it is: not UTF-8, hence a program that fails to compile
+            job = secret + b"\n" + source.encode(errors="surrogatepass")
+            ended, err = _communicate(proc, job, timeout, limits.memory_bytes)
             report = _drain(result_r)
         finally:
             os.close(result_r)

@@ -111,6 +111,7 @@ def main(spec: dict) -> None:
 # -- bubblewrap ------------------------------------------------------------------------
 def exec_bwrap(spec: dict) -> None:
     apply_limits(spec)
+    die_with_scorer(ctypes.CDLL(None, use_errno=True), spec)  # after the user id changed: that clears it
     args = [spec["bwrap"], "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--hostname", "sandbox",
             "--ro-bind", "/", "/", "--dev", "/dev", "--remount-ro", "/dev", "--tmpfs", "/proc",
@@ -128,6 +129,7 @@ def exec_bwrap(spec: dict) -> None:
 # -- namespaces by hand (root) ---------------------------------------------------------
 def run_unshared(spec: dict) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
+    die_with_scorer(libc, spec)
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
     _check(libc.unshare(flags), "unshare(mount, pid, net, ipc, uts, cgroup namespaces)")
     _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
@@ -169,6 +171,14 @@ def enter_sandbox(spec: dict, libc, alive_r: int) -> None:
         prog = struct.pack("HxxxxxxQ", len(bpf) // 8, ctypes.addressof(buf))  # struct sock_fprog
         _check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.c_char_p(prog), 0, 0), "seccomp filter")
     os.execve(spec["argv"][0], spec["argv"], spec["env"])
+
+
+def die_with_scorer(libc, spec: dict) -> None:
+    """SIGKILL this process when the scorer that started it dies (a ``kill -9`` of psomerge):
+    the sandbox, which dies with this process, never outlives its scorer."""
+    _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != spec["scorer"]:
+        raise SetupError("the scorer exited before the sandbox started")
 
 
 def read_only_root(libc) -> None:
