@@ -220,3 +220,39 @@ def _run_yaml(tmp_path, judge_section):
     path.write_text(yaml.safe_dump({"base": "b", "experts": ["e"],
                                     "suites": [{"name": "s", "dataset": "d.jsonl", "judge": judge_section}]}))
     return path
+
+
+# -- a judge that dies mid-run: no version, and nothing lost ------------------------------------
+def test_a_judge_that_dies_mid_run_registers_nothing_and_its_verdicts_are_kept(char_family, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from psomerge.pipeline import InProcessScoring, run_pipeline
+    from psomerge.tracking import MLflowTracker
+
+    root, experts, data = char_family
+    monkeypatch.setenv("PSOMERGE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with ChatServer() as server:
+        name, path = next(iter(data.items()))
+        cfg = RunConfig.from_dict({
+            "name": "dying-judge", "preset": "paper", "base": str(root / "base"), "experts": [str(e) for e in experts],
+            "suites": [{"name": name, "dataset": str(path), "optimisation_size": 4, "heldout_size": 4,
+                        "judge": {"type": "llm", "model": "judge", "base_url": server.url, "max_retries": 0}}],
+            "generation": {"max_new_tokens": 4, "batch_size": 64}, "optimizer": {"type": "pso", "steps": 1},
+            "baselines": [], "registry": {"experiment": "dying", "model_name": "dying-model"}})
+        server.fail_after = 6  # answers 6 rubrics, then HTTP 500 to every request
+        with pytest.raises(JudgeError, match=rf"model 'judge' at {re.escape(server.url)}: HTTP 500"):
+            run_pipeline(cfg, scoring=InProcessScoring(cfg), tracker=MLflowTracker())
+        client = MlflowClient()
+        assert client.search_registered_models() == []  # no version, no champion at 0.0
+        [run] = mlflow.search_runs(experiment_names=["dying"], output_format="list")
+        assert run.info.status == "FAILED"
+        judged = [r["messages"][-1]["content"] for r in server.requests[:6]]
+
+        server.fail_after = None  # the judge is back: a rerun judges no rubric twice
+        before = len(server.requests)
+        run_swarm(cfg)
+        again = [r["messages"][-1]["content"] for r in server.requests[before:]]
+        assert again and not set(judged) & set(again) and len(set(again)) == len(again)
+
