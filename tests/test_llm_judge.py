@@ -1,5 +1,6 @@
 """The LLM judge through the real openai client against a local chat-completions server."""
 
+import json
 import os
 import re
 import socket
@@ -256,3 +257,42 @@ def test_a_judge_that_dies_mid_run_registers_nothing_and_its_verdicts_are_kept(c
         again = [r["messages"][-1]["content"] for r in server.requests[before:]]
         assert again and not set(judged) & set(again) and len(set(again)) == len(again)
 
+
+def test_credentials_in_free_form_values_never_reach_mlflow_params(char_family, tmp_path, monkeypatch):
+    """Where no field names its purpose (a served judge's command line, a cluster's address),
+    values are recorded redacted; each suite's settings are params of their own."""
+    from mlflow import MlflowClient
+
+    from psomerge.pipeline import BasisInfo
+    from psomerge.tracking import MLflowTracker
+
+    root, experts, data = char_family
+    monkeypatch.setenv("PSOMERGE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    key = "sk-proj-4fJx9QzLmN2pR7sT1vW3yA5bC8dE"
+    serve = {"model_path": str(root / "base"), "extra_args": ["--api-key", key, "--hf-token=hf_xyz", "--port", "8001"]}
+    cfg = RunConfig.from_dict({
+        "name": "secrets", "base": str(root / "base"), "experts": [str(e) for e in experts],
+        "suites": [{"name": n, "dataset": str(p), "judge": {"type": "llm", "model": "judge", "serve": serve}}
+                   for n, p in data.items()],
+        "runner": {"type": "dask", "address": "tcp://alice:hunter2@scheduler:8786"}})
+    tracker = MLflowTracker()
+    run_id = tracker.start(cfg, BasisInfo("fp", 1, 1, [], [], {}, 0), None)["mlflow_run_id"]
+    tracker.close(failed=False)
+    params = MlflowClient().get_run(run_id).data.params
+    assert not [k for k, v in params.items() if key in v or "hunter2" in v or "hf_xyz" in v]
+    assert params["runner.address"] == "tcp://***@scheduler:8786"
+    assert json.loads(params["suites.1.judge.serve.extra_args"]) == ["--api-key", "***", "--hf-token=***", "--port",
+                                                                       "8001"]
+    assert params["suites.1.judge.model"] == "judge" and params["suites.0.name"] == "addition"
+
+
+def test_redact_keeps_what_is_no_credential():
+    from psomerge.credentials import redact
+
+    assert redact({"a": ["--tokenizer", "t", "--max-num-batched-tokens", "64", "--token", "tok"],
+                   "url": "https://h.example/v1?api_key=k1&model=m", "env": "HF_TOKEN", "n": 3,
+                   "pasted": "hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789", "dsn": "postgres://u:pw@db/x"}) == {
+        "a": ["--tokenizer", "t", "--max-num-batched-tokens", "64", "--token", "***"],
+        "url": "https://h.example/v1?api_key=***&model=m", "env": "HF_TOKEN", "n": 3, "pasted": "***",
+        "dsn": "postgres://***@db/x"}
