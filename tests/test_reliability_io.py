@@ -292,10 +292,40 @@ def test_private_inputs_give_private_outputs(tmp_path, family):
     public = run_merge(linear_recipe(inputs[1:]), tmp_path / "public").out_dir
     assert all(f.stat().st_mode & stat.S_IROTH for f in public.iterdir())  # the contrast: readable stays readable
     (inputs[2] / WEIGHTS).chmod(0o600)
-    out = run_merge(linear_recipe(inputs[1:]), tmp_path / "private").out_dir
+    assert_private(run_merge(linear_recipe(inputs[1:]), tmp_path / "private").out_dir)
+    (inputs[2] / WEIGHTS).chmod(0o644)
+    (inputs[2] / "config.json").chmod(0o600)  # a private config (as a private tokenizer)
+    assert_private(run_merge(linear_recipe(inputs[1:]), tmp_path / "private-config").out_dir)
+    (inputs[2] / "config.json").chmod(0o644)
+    inputs[2].chmod(0o700)  # a folder no one else may enter, with files readable by all
+    assert_private(run_merge(linear_recipe(inputs[1:]), tmp_path / "private-folder").out_dir)
+
+
+def assert_private(out):
     assert not out.stat().st_mode & (stat.S_IROTH | stat.S_IXOTH)
     for f in out.iterdir():
         assert not f.stat().st_mode & (stat.S_IROTH | stat.S_IWOTH), f.name
+
+
+def test_the_swarm_writes_private_experts_into_a_private_model(char_family, tmp_path, monkeypatch):
+    from psomerge.config import RunConfig
+    from psomerge.pipeline import run_swarm
+
+    root, experts, data = char_family
+    monkeypatch.setenv("PSOMERGE_HOME", str(tmp_path / "home"))
+    private = clone(experts[1], tmp_path / "private-expert")
+    (private / WEIGHTS).chmod(0o600)
+    name, path = next(iter(data.items()))
+    cfg = RunConfig.from_dict({
+        "name": "private", "preset": "paper", "base": str(root / "base"), "experts": [str(experts[0]), str(private)],
+        "suites": [{"name": name, "dataset": str(path), "optimisation_size": 4, "heldout_size": 4,
+                    "judge": {"type": "exact_match"}}],
+        "generation": {"max_new_tokens": 2, "batch_size": 64}, "optimizer": {"type": "pso", "steps": 0},
+        "baselines": ["average"], "output_dir": str(tmp_path / "run")})
+    result = run_swarm(cfg)
+    assert_private(result.model_dir)
+    [merge] = (tmp_path / "home" / "cache" / "merges" / "average").iterdir()  # the static baseline too
+    assert_private(merge)
 
 
 def test_staging_abandoned_by_a_killed_writer_is_removed(tmp_path, family):
