@@ -283,6 +283,57 @@ def test_a_merge_that_fills_the_disk_keeps_the_old_model_and_no_staging(tmp_path
     assert_intact(after, good)
 
 
+FILL_THE_DISK = """
+import json, sys
+from pathlib import Path
+from psomerge.errors import CacheError, CheckpointError
+from psomerge.swarm.cache import CachedFitness, FitnessCache
+from psomerge.swarm.pso import PSOMerging
+from psomerge.swarm.run import save_checkpoint
+
+mnt, out = Path(sys.argv[1]), Path(sys.argv[2])
+cache = FitnessCache(mnt / "fitness.sqlite")
+cache.put("first", CachedFitness(0.5, {}, {}))
+optimizer = PSOMerging(3, 1)
+save_checkpoint(mnt / "checkpoint.json", optimizer, {"step": "first"})
+with open(mnt / "filler", "wb", buffering=0) as f:  # the rest of the disk
+    try:
+        while True:
+            f.write(b"x" * 4096)
+    except OSError:
+        pass
+said = {}
+try:
+    for i in range(200):
+        cache.put(f"k{i}", CachedFitness(0.5, {}, {"pad": "x" * 8192}))
+except CacheError as exc:
+    said["cache"] = str(exc)
+try:
+    save_checkpoint(mnt / "checkpoint.json", optimizer, {"step": "second", "pad": "x" * 100_000})
+except CheckpointError as exc:
+    said["checkpoint"] = str(exc)
+(mnt / "filler").unlink()
+said["kept"] = [json.loads((mnt / "checkpoint.json").read_text())["step"], cache.get("first").fitness]
+out.write_text(json.dumps(said))
+"""
+
+
+def test_a_full_disk_during_a_search_is_an_error_naming_the_file_and_keeps_what_was_written(tmp_path):
+    mnt = tmp_path / "mnt"
+    if not _can_mount_tmpfs(mnt):
+        pytest.skip("cannot mount a tmpfs here (no user namespaces)")
+    script, out = tmp_path / "fill.py", tmp_path / "said.json"
+    script.write_text(FILL_THE_DISK)
+    subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                    f"mount -t tmpfs -o size=256k tmpfs {mnt} && {sys.executable} {script} {mnt} {out}"],
+                   check=True, timeout=120, env={**CLI_ENV, "PYTHONPATH": str(Path(__file__).parents[1])})
+    said = json.loads(out.read_text())
+    assert str(mnt / "fitness.sqlite") in said["cache"] and "full" in said["cache"]
+    assert str(mnt / "checkpoint.json") in said["checkpoint"] and "No space left on device" in said["checkpoint"]
+    assert "the previous step's checkpoint is intact" in said["checkpoint"]
+    assert said["kept"] == ["first", 0.5]
+
+
 def test_private_inputs_give_private_outputs(tmp_path, family):
     base, experts = family
     inputs = [clone(p, tmp_path / p.name) for p in (base, *experts[:2])]
