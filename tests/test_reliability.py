@@ -405,10 +405,14 @@ def test_experts_whose_folders_share_a_name_keep_distinct_rows(fam):
                                 "dare:team0/expert", "dare:team1/expert"]
 
 
-def test_an_expert_with_the_base_weights_is_named_in_a_warning(fam, caplog):
+@pytest.mark.parametrize("differs_in", ["config", "tokenizer"])
+def test_an_expert_with_the_base_weights_is_named_in_a_warning(fam, caplog, differs_in):
     root, experts, _ = fam
-    shutil.copy(root / "base" / WEIGHTS, experts[1] / WEIGHTS)  # same weights, the expert's own config
-    edit_json(experts[1] / "config.json", set_rope_theta)
+    shutil.copy(root / "base" / WEIGHTS, experts[1] / WEIGHTS)  # same weights, the expert's own config or tokenizer
+    if differs_in == "config":
+        edit_json(experts[1] / "config.json", set_rope_theta)
+    else:
+        edit_json(experts[1] / "tokenizer.json", _add_token)
     with caplog.at_level(logging.WARNING, logger="psomerge"):
         search(make_config(fam, steps=0))
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
