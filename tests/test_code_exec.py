@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -71,11 +72,9 @@ HOSTILE = {
 }
 
 
-@pytest.fixture
-def listener():
-    """A loopback server that records whether anything connected."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
+@contextmanager
+def recording(srv):
+    """Accept connections on the listening socket ``srv``; yields what each sent first."""
     srv.listen(5)
     srv.settimeout(0.2)
     hits = []
@@ -92,10 +91,21 @@ def listener():
 
     t = threading.Thread(target=accept, daemon=True)
     t.start()
-    yield srv.getsockname()[1], hits
-    stop.set()
-    t.join()
-    srv.close()
+    try:
+        yield hits
+    finally:
+        stop.set()
+        t.join()
+        srv.close()
+
+
+@pytest.fixture
+def listener():
+    """A loopback server that records whether anything connected."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    with recording(srv) as hits:
+        yield srv.getsockname()[1], hits
 
 
 SANDBOXES = pytest.mark.parametrize("use_bwrap", [True, False], ids=["bwrap-if-installed", "no-bwrap"])
@@ -385,25 +395,8 @@ def unix_listener():
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(str(path))
     path.chmod(0o777)
-    srv.listen(5)
-    srv.settimeout(0.2)
-    hits, stop = [], threading.Event()
-
-    def accept():
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-                hits.append(conn.recv(16))
-                conn.close()
-            except OSError:
-                pass
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    yield path, hits
-    stop.set()
-    t.join()
-    srv.close()
+    with recording(srv) as hits:
+        yield path, hits
     shutil.rmtree(folder)
 
 
