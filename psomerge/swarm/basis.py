@@ -479,7 +479,7 @@ def build_basis(
     if isinstance(base_ck, AlignedModel):  # resident models load the base with the shared vocabulary
         model_dir = Path(cache_dir) / f"base-{digest([fps[: 1 + len(experts)], settings.tokenizer_source], 12)}"
         if not (model_dir / "config.json").exists():
-            write_checkpoint(model_dir, base_ck, lambda name: None)
+            write_checkpoint(model_dir, base_ck, lambda name: None, inputs=expert_cks)  # private if any is
     names = floating_names(base_ck)
     masks = []
     for i, expert in enumerate(expert_cks):
