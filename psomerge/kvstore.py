@@ -3,7 +3,8 @@
 WAL mode and a busy timeout make concurrent writers (threads, processes) safe; a duplicate
 insert keeps the first row, which is right for caches of deterministic results. A file that
 is not such a store (corrupt, not SQLite, another table layout) is an error naming the file
-and how to set it aside; it is never overwritten or silently replaced.
+and how to set it aside; it is never overwritten or silently replaced. A full disk is an error
+naming the file too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from psomerge.errors import CacheError
 
 _COLUMNS = {"key", "value"}
 _CORRUPT = ("not a database", "malformed", "no such table", "no such column", "has no column")
+_FULL = ("database or disk is full", "disk I/O error")
 
 
 class SqliteKV:
@@ -65,6 +67,9 @@ class SqliteKV:
         except sqlite3.DatabaseError as exc:
             if any(s in str(exc) for s in _CORRUPT):
                 raise CacheError(f"{self.path}: corrupt cache file ({exc}); {self._move_aside()}") from exc
+            if any(s in str(exc) for s in _FULL):
+                raise CacheError(f"{self.path}: cannot write the cache ({exc}); what it holds is kept: free space "
+                                 "and run again (--resume)") from exc
             raise
 
     def get(self, key: str) -> Any | None:

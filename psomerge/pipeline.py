@@ -185,7 +185,8 @@ class RunContext:
         cache_root = data_dir() / "cache"
         # scorers first: an unusable one (a code sandbox that cannot work here) fails before the basis is built;
         # identical judge rubrics are judged once, across runs
-        self.suites = [EvalSuite.from_settings(s, judge_cache=cache_root / "judge.sqlite") for s in config.suites]
+        self.suites = [EvalSuite.from_settings(s, judge_cache=cache_root / "judge.sqlite", base_model=config.base)
+                       for s in config.suites]
         members = config.warm_start.members if config.warm_start is not None else []
         extra = [(f"merge:{name}", self.static_merge(name)) for name in members]
         self.basis: Basis = build_basis(config.base, config.experts, cache_root / "basis", config.basis, extra,
@@ -289,8 +290,10 @@ def run_provenance(config: RunConfig, info: BasisInfo) -> dict[str, Any]:
     ``budget``: a finished run may be resumed to go further; not paths: content is compared),
     the content of base and experts, each suite's data and settings, the basis and the
     evaluation fingerprints. Model selection runs after the search: not compared."""
-    # a suite's scorer is compared by its fingerprint (what changes scores, not e.g. concurrency)
-    suites = {s.name: s.model_dump(mode="json", exclude={"name", "dataset", "judge"}) for s in config.suites}
+    # a suite's scorer is compared by its fingerprint (what changes scores, not e.g. concurrency); its chat
+    # template and lm-eval task by what they give, the rendered prompts and task config in its data fingerprint
+    suites = {s.name: s.model_dump(mode="json", exclude={"name", "dataset", "judge", "chat", "lm_eval"})
+              for s in config.suites}
     settings = _flatten({"suites": suites, "generation": config.generation.cache_config(),
                          "basis": config.basis.model_dump(mode="json", exclude={"storage"}),
                          "optimizer": config.optimizer.model_dump(mode="json", exclude={"steps", "budget"}),

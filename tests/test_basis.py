@@ -97,8 +97,11 @@ def test_default_layout_holds_base_experts_and_bits_only(tmp_path, family):
 
 
 def test_compiled_and_torch_paths_agree_on_odd_sizes_and_bf16():
-    """The one-pass kernel (CPU) and the chunked torch sum (GPU, pinned) against float64, with a
-    length that is not a multiple of 8 (the kernel's scalar tail) and mixed fp32 / bf16 members."""
+    """The one-pass kernel (CPU) and the chunked torch sum (GPU, pinned, the vLLM engine's
+    process) against float64, with a length that is not a multiple of 8 (the kernel's scalar
+    tail) and mixed fp32 / bf16 members; and against each other bit for bit, zero coefficients,
+    negative zeros and subnormal members included (a particle summed in another process or on
+    another device is the one the host would have written)."""
     g = torch.Generator().manual_seed(0)
     n = 8 * 1000 + 5
     dense = [torch.randn(n, generator=g), torch.randn(n, generator=g).bfloat16(), torch.randn(n, generator=g),
@@ -117,6 +120,17 @@ def test_compiled_and_torch_paths_agree_on_odd_sizes_and_bf16():
     strided = torch.empty(2 * n)[::2]  # a non-contiguous target takes a scratch tensor
     masked_sum_into(strided, dense, bits, a, s)
     assert float((strided.double() - expected).abs().max()) < 1e-5
+
+    rng = np.random.default_rng(0)
+    for scale in (1.0, 1e-40, 1e30):
+        members = [d.float() * scale for d in dense]
+        members[0][:64] = -0.0
+        members[1] = members[1].bfloat16()
+        for a, s in ((rng.normal(size=4).tolist(), rng.normal(size=2).tolist()), ([0.7, 0.0, 0.3, 0.0], [0.0, -1.2])):
+            fused, chunked = torch.empty(n), torch.empty(n)
+            masked_sum_into(fused, members, bits, a, s, compiled=True)
+            masked_sum_into(chunked, members, bits, a, s, compiled=False)
+            assert torch.equal(fused.view(torch.int32), chunked.view(torch.int32)), (scale, a, s)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +164,26 @@ def test_bf16_members_stay_bf16_and_give_the_fp32_upcast_result(tmp_path, bf16_f
     mapped.materialise(alpha, b)  # the memory-mapped bf16 members give the same sum
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_spec_reopens_the_same_basis_and_members_are_read_on_the_first_particle(tmp_path, family):
+    """What another process (a vLLM engine's) needs to hold the basis: its spec, as JSON."""
+    import json
+
+    base, experts = family
+    basis = build_basis(base, experts, tmp_path / "b", BasisSettings(drop_rate=P, seed=SEED, granularity="layer"))
+    assert not basis._layout._held.is_set()  # a held layout reads its members on the first particle
+    again = Basis.from_spec(json.loads(json.dumps(basis.spec)), "ram")
+    assert (again.fingerprint, again.labels, again.group_labels) == (basis.fingerprint, basis.labels,
+                                                                     basis.group_labels)
+    assert [m.path for m in again.masks] == [m.path for m in basis.masks]
+    alpha = affine(np.random.default_rng(4), basis.num_groups, basis.k)
+    ref = Checkpoint(base)
+    ours, theirs = ({n: torch.empty(ref.info(n).shape) for n in basis.names} for _ in range(2))
+    basis.materialise(alpha, ours)
+    again.materialise(alpha, theirs)
+    assert basis._layout._held.is_set()
+    assert all(torch.equal(ours[n], theirs[n]) for n in basis.names)
 
 
 def test_extra_members_follow_the_dare_members(tmp_path, family):

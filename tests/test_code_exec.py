@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -71,11 +72,9 @@ HOSTILE = {
 }
 
 
-@pytest.fixture
-def listener():
-    """A loopback server that records whether anything connected."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
+@contextmanager
+def recording(srv):
+    """Accept connections on the listening socket ``srv``; yields what each sent first."""
     srv.listen(5)
     srv.settimeout(0.2)
     hits = []
@@ -92,10 +91,21 @@ def listener():
 
     t = threading.Thread(target=accept, daemon=True)
     t.start()
-    yield srv.getsockname()[1], hits
-    stop.set()
-    t.join()
-    srv.close()
+    try:
+        yield hits
+    finally:
+        stop.set()
+        t.join()
+        srv.close()
+
+
+@pytest.fixture
+def listener():
+    """A loopback server that records whether anything connected."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    with recording(srv) as hits:
+        yield srv.getsockname()[1], hits
 
 
 SANDBOXES = pytest.mark.parametrize("use_bwrap", [True, False], ids=["bwrap-if-installed", "no-bwrap"])
@@ -217,6 +227,38 @@ for fd in range(3, 64):
 os._exit(0)
 """,
     # a debugger on the harness (PID 1 in the sandbox), then its memory on every fd
+    # the guard's frame, reached through the traceback of a refused import, its locals rewritten
+    # (on Python >= 3.13 frame locals write through to a closure's cells), then the gc's view
+    "rewrite_guard_locals": """
+import os, sys
+try:
+    import ctypes
+except PermissionError as exc:
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    for name in ("denied", "denied_modules"):
+        try:
+            tb.tb_frame.f_locals[name] = frozenset()
+        except Exception:
+            pass
+import gc
+blob = b"".join(bytes(o) for o in gc.get_objects() if isinstance(o, (bytes, bytearray)))
+for fd in range(3, 64):
+    try:
+        os.write(fd, blob)
+    except OSError:
+        pass
+""",
+    # the processes around the harness: its parent, every process it may signal
+    "kill_the_parents": """
+import os, signal
+for pid in (os.getppid(), 0, -1):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+""",
     "ptrace_the_harness": """
 import os, subprocess
 out = subprocess.run(["gdb", "-p", "1", "-batch", "-ex", "info proc mappings"], capture_output=True).stdout
@@ -238,6 +280,30 @@ def test_forged_pass_markers_fail(problems, use_bwrap):
     names = list(FORGE)
     scores = scorer.score([as_example(problem)] * len(names), [WRONG + FORGE[n] for n in names])
     assert {n: s.value for n, s in zip(names, scores)} == {n: 0.0 for n in names}, [s.meta for s in scores]
+
+
+# A wrong answer that makes the tests an oracle: each call forks, the child returning True and
+# the parent, once the child is done, False. One copy of the harness sees every assert pass.
+FORK_ORACLE = """
+import os
+def f(x):
+    pid = os.fork()
+    if pid == 0:
+        return True
+    os.waitpid(pid, 0)
+    return False
+assert f(1) == True
+assert f(2) == False
+assert f(3) == True
+"""
+
+
+@SANDBOXES
+def test_a_forked_copy_whose_tests_returned_is_no_pass(use_bwrap):
+    scorer = CodeExec(program_template="{answer}", use_bwrap=use_bwrap)
+    forked, plain = scorer.score([Example("oracle", "", "")] * 2, [FORK_ORACLE, "import os\nassert os.fork() >= 0\n"])
+    assert forked.value == 0.0 and forked.meta["status"] == "failed", forked.meta
+    assert plain.value == 1.0  # forking is allowed: only the original process's tests count
 
 
 # -- the sandbox holds without the audit hook's help -------------------------------------------
@@ -317,6 +383,182 @@ def test_disk_quota_bounds_all_files_together(use_bwrap):
     over, under = scorer.score([Example("fill", "", ""), Example("fits", "", "")], [fill, fits])
     assert over.value == 0.0 and "No space left on device" in over.meta["stderr"]
     assert under.value == 1.0
+
+
+@pytest.fixture
+def unix_listener():
+    """A Unix socket any user may connect to, outside /tmp (so a sandbox's read-only view of the
+    host shows it), recording what connects."""
+    folder = Path(tempfile.mkdtemp(prefix="psomerge-sock-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None))
+    folder.chmod(0o755)
+    path = folder / "service.sock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    path.chmod(0o777)
+    with recording(srv) as hits:
+        yield path, hits
+    shutil.rmtree(folder)
+
+
+@SANDBOXES
+def test_no_socket_reaches_outside_the_network_namespace(unix_listener, use_bwrap):
+    path, hits = unix_listener
+    reach = {  # read-only mounts do not stop a connect(); vsock leads to a virtual machine's host
+        "unix": f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({str(path)!r})\ns.sendall(b'leak')\n",
+        "vsock": "import socket\nsocket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\n",
+        # io_uring's own socket and connect operations pass no seccomp filter (from a child: no ctypes here)
+        "io_uring": "import subprocess, sys\nsubprocess.run([sys.executable, '-c', 'import ctypes\\nassert "
+                    "ctypes.CDLL(None).syscall(425, 8, ctypes.create_string_buffer(120)) >= 0'], check=True)\n",
+    }
+    allowed = "import socket\na, b = socket.socketpair()\na.sendall(b'x')\nassert b.recv(1) == b'x'\n" \
+              "socket.socket(socket.AF_INET).close()\nsocket.socket(socket.AF_INET6).close()\n"
+    scorer = CodeExec(program_template="{answer}", use_bwrap=use_bwrap)
+    names = [*reach, "allowed"]
+    scores = dict(zip(names, scorer.score([Example(n, "", "") for n in names], [*reach.values(), allowed])))
+    assert hits == []
+    assert {n: scores[n].value for n in reach} == dict.fromkeys(reach, 0.0), {n: scores[n].meta for n in reach}
+    assert "Operation not permitted" in scores["unix"].meta["stderr"]
+    assert scores["allowed"].value == 1.0, scores["allowed"].meta  # socket pairs and IP sockets (no route out)
+
+
+@SANDBOXES
+def test_no_storage_or_kernel_memory_beyond_the_limits(use_bwrap):
+    # each program succeeds only if it holds more than the 4 MB disk quota outside /tmp
+    beyond = {
+        "memfd": "import os\nfds = [os.memfd_create(f'm{i}') for i in range(8)]\n"
+                 "for fd in fds:\n    os.write(fd, b'x' * (1 << 20))\n",
+        # a new user and mount namespace, where a tmpfs of any size could be mounted
+        "namespace": "import subprocess\nsubprocess.run(['unshare', '--user', '--mount', 'true'], check=True)\n",
+        "sysv_shm": "import subprocess, sys\nsrc = 'import ctypes\\nassert ctypes.CDLL(None).shmget(0, 8 << 20, "
+                    "0o1600) >= 0'\nsubprocess.run([sys.executable, '-c', src], check=True)\n",
+        "pipes": "import os\npipes = [os.pipe() for _ in range(2000)]\n",  # each pipe holds kernel buffers
+    }
+    scorer = CodeExec(program_template="{answer}", disk_mb=4, max_file_mb=2, use_bwrap=use_bwrap)
+    scores = dict(zip(beyond, scorer.score([Example(n, "", "") for n in beyond], list(beyond.values()))))
+    assert {n: s.value for n, s in scores.items()} == dict.fromkeys(beyond, 0.0), {n: s.meta for n, s in scores.items()}
+    assert "Operation not permitted" in scores["memfd"].meta["stderr"]
+    assert "Too many open files" in scores["pipes"].meta["stderr"]
+
+
+@SANDBOXES
+def test_processes_together_are_held_to_the_memory_limit(use_bwrap):
+    # four processes of 50 MB each: every one within its own 100 MB, together twice the limit
+    hog = ("import os, time\nfor _ in range(4):\n    if os.fork() == 0:\n        x = bytearray(50_000_000)\n"
+           "        time.sleep(3)\n        os._exit(0)\ntime.sleep(4)\n")
+    alone = "x = bytearray(40_000_000)\n"
+    scorer = CodeExec(program_template="{answer}", memory_mb=100, timeout=8, use_bwrap=use_bwrap)
+    start = time.monotonic()
+    together, one = scorer.score([Example("hog", "", ""), Example("one", "", "")], [hog, alone])
+    assert together.value == 0.0 and together.meta["status"] == "memory", together.meta
+    assert "more than 100 MB together" in together.meta["stderr"]
+    assert time.monotonic() - start < 4  # stopped when it went over, not at the timeout
+    assert one.value == 1.0, one.meta
+
+
+@SANDBOXES
+def test_a_flood_on_stderr_is_cut_and_the_timeout_holds(use_bwrap):
+    from psomerge.judges.sandbox import STDERR_KEPT
+
+    flood = "import os\nos.write(2, b'first line\\n')\nb = b'x' * (1 << 20)\nwhile True:\n    os.write(2, b)\n"
+    scorer = CodeExec(program_template="{answer}", timeout=2, use_bwrap=use_bwrap)
+    start = time.monotonic()
+    outcome = scorer.run(flood)  # gigabytes a second, were they all kept
+    assert time.monotonic() - start < 6
+    assert outcome.status == "timeout" and len(outcome.stderr) <= STDERR_KEPT and outcome.stderr.endswith("x")
+
+
+def test_an_answer_that_is_no_text_fails_to_compile(scorer, problems):
+    [s] = scorer.score([as_example(problems[0])], ["    return '\ud800'\n"])  # a lone surrogate (JSON allows it)
+    assert s.value == 0.0 and s.meta["status"] == "failed" and "SyntaxError" in s.meta["stderr"]
+
+
+# Holds the sandbox's whole process limit for a few seconds, as a fork bomb does.
+HOLD_PROCESSES = """
+import sys
+from psomerge.judges.code_exec import CodeExec
+from psomerge.judges.protocol import Example
+hold = "import os, time\\nwhile True:\\n    try:\\n        if os.fork() == 0:\\n            time.sleep(30)\\n"\\
+       "    except OSError:\\n        time.sleep(30)\\n"
+CodeExec(program_template="{answer}", timeout=float(sys.argv[1])).score([Example("hold", "", "")], [hold])
+"""
+FORK_TEN = """
+from psomerge.judges.code_exec import CodeExec
+from psomerge.judges.protocol import Example
+ten = "import os\\nfor _ in range(10):\\n    if os.fork() == 0:\\n        os._exit(0)\\n    os.wait()\\n"
+print(CodeExec(program_template="{answer}").score([Example("ten", "", "")], [ten])[0])
+"""
+
+
+def _sandbox_processes():
+    from psomerge.judges.sandbox import RUN_UIDS
+
+    return [p for p in os.listdir("/proc") if p.isdigit() and _uid(p) in RUN_UIDS]
+
+
+def _uid(pid):
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="user ids of their own per run only as root")
+def test_a_fork_bomb_in_another_process_leaves_this_runs_process_limit_alone():
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    bomb = subprocess.Popen([sys.executable, "-c", HOLD_PROCESSES, "20"], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_sandbox_processes()) < 60:  # the bomb holds its 64 processes
+            assert bomb.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        # another process's first run (its probe aside), as a second psomerge run or a Dask worker starts
+        done = subprocess.run([sys.executable, "-c", FORK_TEN], env=env, capture_output=True, text=True, timeout=60)
+        assert "value=1.0" in done.stdout, done.stdout + done.stderr[-2000:]
+    finally:
+        bomb.kill()
+        bomb.wait()
+
+
+SCORE_A_SLEEPER = """
+import sys
+from psomerge.judges.code_exec import CodeExec
+from psomerge.judges.protocol import Example
+CodeExec(program_template="{answer}", timeout=120, use_bwrap=sys.argv[1] == "bwrap").score(
+    [Example("sleeper", "", "")], ["import time\\ntime.sleep(100)\\n"])
+"""
+
+
+@SANDBOXES
+def test_a_killed_scorer_takes_its_sandboxes_with_it(use_bwrap):
+    """`kill -9` of the scoring process (psomerge itself) mid-run: no sandbox outlives it."""
+    import psutil
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    scorer = subprocess.Popen([sys.executable, "-c", SCORE_A_SLEEPER, "bwrap" if use_bwrap else "no"], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not _sleeping_harness(psutil.Process(scorer.pid).children(recursive=True)):  # the probe's is brief
+            assert scorer.poll() is None and time.monotonic() < deadline, "the sleeper did not start"
+            time.sleep(0.1)
+        sandbox = psutil.Process(scorer.pid).children(recursive=True)
+        scorer.kill()
+        scorer.wait()
+        gone, alive = psutil.wait_procs(sandbox, timeout=5)
+        assert [p.pid for p in alive] == []
+    finally:
+        scorer.kill()
+        scorer.wait()
+
+
+def _sleeping_harness(processes):
+    """Whether one of ``processes`` is a harness that has run for a second."""
+    for p in processes:
+        try:
+            if HARNESS_TAG in " ".join(p.cmdline()) and time.time() - p.create_time() > 1:
+                return True
+        except Exception:  # noqa: BLE001 - gone meanwhile
+            pass
+    return False
 
 
 # -- a sandbox that cannot work is found at start, loudly --------------------------------------

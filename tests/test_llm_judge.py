@@ -1,5 +1,6 @@
 """The LLM judge through the real openai client against a local chat-completions server."""
 
+import json
 import os
 import re
 import socket
@@ -220,3 +221,78 @@ def _run_yaml(tmp_path, judge_section):
     path.write_text(yaml.safe_dump({"base": "b", "experts": ["e"],
                                     "suites": [{"name": "s", "dataset": "d.jsonl", "judge": judge_section}]}))
     return path
+
+
+# -- a judge that dies mid-run: no version, and nothing lost ------------------------------------
+def test_a_judge_that_dies_mid_run_registers_nothing_and_its_verdicts_are_kept(char_family, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from psomerge.pipeline import InProcessScoring, run_pipeline
+    from psomerge.tracking import MLflowTracker
+
+    root, experts, data = char_family
+    monkeypatch.setenv("PSOMERGE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with ChatServer() as server:
+        name, path = next(iter(data.items()))
+        cfg = RunConfig.from_dict({
+            "name": "dying-judge", "preset": "paper", "base": str(root / "base"), "experts": [str(e) for e in experts],
+            "suites": [{"name": name, "dataset": str(path), "optimisation_size": 4, "heldout_size": 4,
+                        "judge": {"type": "llm", "model": "judge", "base_url": server.url, "max_retries": 0}}],
+            "generation": {"max_new_tokens": 4, "batch_size": 64}, "optimizer": {"type": "pso", "steps": 1},
+            "baselines": [], "registry": {"experiment": "dying", "model_name": "dying-model"}})
+        server.fail_after = 6  # answers 6 rubrics, then HTTP 500 to every request
+        with pytest.raises(JudgeError, match=rf"model 'judge' at {re.escape(server.url)}: HTTP 500"):
+            run_pipeline(cfg, scoring=InProcessScoring(cfg), tracker=MLflowTracker())
+        client = MlflowClient()
+        assert client.search_registered_models() == []  # no version, no champion at 0.0
+        [run] = mlflow.search_runs(experiment_names=["dying"], output_format="list")
+        assert run.info.status == "FAILED"
+        judged = [r["messages"][-1]["content"] for r in server.requests[:6]]
+
+        server.fail_after = None  # the judge is back: a rerun judges no rubric twice
+        before = len(server.requests)
+        run_swarm(cfg)
+        again = [r["messages"][-1]["content"] for r in server.requests[before:]]
+        assert again and not set(judged) & set(again) and len(set(again)) == len(again)
+
+
+def test_credentials_in_free_form_values_never_reach_mlflow_params(char_family, tmp_path, monkeypatch):
+    """Where no field names its purpose (a served judge's command line, a cluster's address),
+    values are recorded redacted; each suite's settings are params of their own."""
+    from mlflow import MlflowClient
+
+    from psomerge.pipeline import BasisInfo
+    from psomerge.tracking import MLflowTracker
+
+    root, experts, data = char_family
+    monkeypatch.setenv("PSOMERGE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    key = "sk-proj-4fJx9QzLmN2pR7sT1vW3yA5bC8dE"
+    serve = {"model_path": str(root / "base"), "extra_args": ["--api-key", key, "--hf-token=hf_xyz", "--port", "8001"]}
+    cfg = RunConfig.from_dict({
+        "name": "secrets", "base": str(root / "base"), "experts": [str(e) for e in experts],
+        "suites": [{"name": n, "dataset": str(p), "judge": {"type": "llm", "model": "judge", "serve": serve}}
+                   for n, p in data.items()],
+        "runner": {"type": "dask", "address": "tcp://alice:hunter2@scheduler:8786"}})
+    tracker = MLflowTracker()
+    run_id = tracker.start(cfg, BasisInfo("fp", 1, 1, [], [], {}, 0), None)["mlflow_run_id"]
+    tracker.close(failed=False)
+    params = MlflowClient().get_run(run_id).data.params
+    assert not [k for k, v in params.items() if key in v or "hunter2" in v or "hf_xyz" in v]
+    assert params["runner.address"] == "tcp://***@scheduler:8786"
+    assert json.loads(params["suites.1.judge.serve.extra_args"]) == ["--api-key", "***", "--hf-token=***", "--port",
+                                                                       "8001"]
+    assert params["suites.1.judge.model"] == "judge" and params["suites.0.name"] == "addition"
+
+
+def test_redact_keeps_what_is_no_credential():
+    from psomerge.credentials import redact
+
+    assert redact({"a": ["--tokenizer", "t", "--max-num-batched-tokens", "64", "--token", "tok"],
+                   "url": "https://h.example/v1?api_key=k1&model=m", "env": "HF_TOKEN", "n": 3,
+                   "pasted": "hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789", "dsn": "postgres://u:pw@db/x"}) == {
+        "a": ["--tokenizer", "t", "--max-num-batched-tokens", "64", "--token", "***"],
+        "url": "https://h.example/v1?api_key=***&model=m", "env": "HF_TOKEN", "n": 3, "pasted": "***",
+        "dsn": "postgres://***@db/x"}

@@ -79,15 +79,41 @@ def by_what(plan, prefix):
 
 
 def test_the_7b_config_fits_an_80gib_gpu(llama7b):
+    """weight_update auto plans the in-engine path: the engine's process holds the members; with
+    memory_fraction 0.85 of 80 GiB they do not fit beside the engine, so they are pinned on the host."""
     _, _, numel, masks = llama7b
-    assert numel == 6_738_415_616  # Llama-2-7B
     start = time.perf_counter()
-    plan = plan_of(make_config(llama7b))
+    cfg = make_config(llama7b)
+    assert cfg.generation.vllm.weight_update == "auto"
+    plan = plan_of(cfg)
     assert time.perf_counter() - start < 10  # headers only: hashing or reading 54 GB would take minutes
+    assert by_what(plan, "basis members") == Allocation(
+        HOST, "basis members: base + 3 experts (dense, bfloat16) in the vLLM engine's process", 4 * 2 * numel)
+    assert by_what(plan, "DARE masks").nbytes == 3 * masks and by_what(plan, "DARE masks").where == HOST
+    assert by_what(plan, "vLLM engine weights").where == GPU and by_what(plan, "vLLM engine weights").nbytes == 2 * numel
+    assert by_what(plan, "vLLM KV cache").nbytes == int(0.85 * 80 * GiB) - 2 * numel
+    scratch = by_what(plan, "sum temporaries")
+    assert scratch.where == GPU and scratch.nbytes == 4 * 32000 * 4096 + 5 * 2**24 * 4 + 3 * 2**24
+    assert plan.used(GPU) == int(0.85 * 80 * GiB) + scratch.nbytes
+    assert not [a for a in plan.allocations if "shared weight file" in a.what]
+    assert plan.members_on.startswith("pinned host memory of the vLLM engine's process")
+    assert any("memory_fraction <= 0.33 (now 0.85) would leave the members (52.56 GiB) room" in n for n in plan.notes)
+    assert plan.problems() == []
+    plan.check()
+    roomy = make_config(llama7b, generation={**llama7b[1]["generation"], "vllm": {
+        **llama7b[1]["generation"]["vllm"], "memory_fraction": 0.33}})
+    on_gpu = plan_of(roomy)
+    assert by_what(on_gpu, "basis members").where == GPU and on_gpu.members_on.startswith("GPU, in the vLLM engine")
+    assert on_gpu.problems() == [] and on_gpu.used(HOST) == 0
+
+
+def test_the_7b_config_through_the_shared_file(llama7b):
+    _, config, numel, masks = llama7b
+    plan = plan_of(make_config(llama7b, generation={**config["generation"], "vllm": {
+        **config["generation"]["vllm"], "weight_update": "shared_file"}}))
     assert by_what(plan, "basis members") == Allocation(PAGE_CACHE, "basis members: base + 3 experts (dense, bfloat16)",
                                               4 * 2 * numel)
     assert by_what(plan, "DARE masks").nbytes == 3 * masks
-    assert by_what(plan, "vLLM engine weights").where == GPU and by_what(plan, "vLLM engine weights").nbytes == 2 * numel
     assert plan.used(GPU) == int(0.85 * 80 * GiB)  # weights + KV cache fill the engine's fraction
     assert by_what(plan, "vLLM KV cache").nbytes == int(0.85 * 80 * GiB) - 2 * numel
     assert by_what(plan, "shared weight file").where == HOST
@@ -96,15 +122,17 @@ def test_the_7b_config_fits_an_80gib_gpu(llama7b):
 
 
 def test_members_in_ram_on_a_small_host_are_refused_by_how_much(llama7b):
-    _, _, numel, masks = llama7b
-    plan = plan_of(make_config(llama7b, basis={"storage": "ram"}), host="48GiB")
+    _, config, numel, masks = llama7b
+    shared_file = {**config["generation"], "vllm": {**config["generation"]["vllm"], "weight_update": "shared_file"}}
+    plan = plan_of(make_config(llama7b, basis={"storage": "ram"}, generation=shared_file), host="48GiB")
     assert plan.members_on == "host memory"
     needed = 4 * 2 * numel + 3 * masks + 2 * numel + 4 * 32000 * 4096  # members, masks, shm file, fp32 scratch
     assert plan.used(HOST) == needed
     with pytest.raises(MemoryPlanError) as e:
         plan.check()
     assert f"host memory: the plan needs {gib(needed)} of 48.00 GiB, over by {gib(needed - 48 * GiB)}" in str(e.value)
-    assert plan_of(make_config(llama7b, basis={"storage": "ram"}), host="128GiB").problems() == []
+    assert plan_of(make_config(llama7b, basis={"storage": "ram"}, generation=shared_file),
+                   host="128GiB").problems() == []
 
 
 def test_a_vllm_budget_smaller_than_the_weights_is_refused(llama7b):

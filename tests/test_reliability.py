@@ -140,6 +140,47 @@ def test_particle_keys_change_with_every_input(fam, what):
     after.close()
 
 
+def _suite(edit):
+    return lambda cfg: edit(cfg["suites"][0])
+
+
+SETTINGS = {  # config edits that change what a score means
+    "split seed": _suite(lambda s: s.update(split_seed=1)),
+    "optimisation size": _suite(lambda s: s.update(optimisation_size=11)),
+    "scorer": _suite(lambda s: s["judge"].update(normalizer="text")),
+    "prompt template": _suite(lambda s: s.update(prompt_template="Q: {question}")),
+    "answer field": _suite(lambda s: s.update(answer_field="question")),
+    "suite weight": _suite(lambda s: s.update(weight=2.0)),
+    "generation": lambda cfg: cfg["generation"].update(max_new_tokens=5),
+    "DARE drop rate": lambda cfg: cfg.setdefault("basis", {}).update(drop_rate=0.5),
+}
+
+
+@pytest.mark.parametrize("what", list(SETTINGS))
+def test_particle_keys_change_with_every_setting_that_changes_a_score(fam, what):
+    coeffs = member_coefficients(5, 1, 1)
+    before = RunContext(make_config(fam))
+    keys = {before.evaluator.key(coeffs), before.evaluator.key(coeffs, "heldout"), before.evaluator.fitness_key(coeffs)}
+    before.close()
+    edited = config_dict(fam)
+    SETTINGS[what](edited)
+    after = RunContext(RunConfig.from_dict(edited))
+    assert not {after.evaluator.key(coeffs), after.evaluator.key(coeffs, "heldout"),
+                after.evaluator.fitness_key(coeffs)} & keys
+    after.close()
+
+
+def test_a_new_scoring_code_version_rescores(fam, monkeypatch):
+    from psomerge.swarm import cache
+
+    coeffs = member_coefficients(5, 1, 1)
+    ctx = RunContext(make_config(fam))
+    old = ctx.evaluator.fitness_key(coeffs)
+    monkeypatch.setattr(cache, "SCORING_VERSION", cache.SCORING_VERSION + "+1")
+    assert ctx.evaluator.fitness_key(coeffs) != old
+    ctx.close()
+
+
 def test_a_static_baseline_is_merged_again_after_an_expert_is_retrained(fam):
     root, experts, _ = fam
     first = baseline_checkpoint("average", root / "base", experts, 0, root / "baselines")
@@ -364,10 +405,14 @@ def test_experts_whose_folders_share_a_name_keep_distinct_rows(fam):
                                 "dare:team0/expert", "dare:team1/expert"]
 
 
-def test_an_expert_with_the_base_weights_is_named_in_a_warning(fam, caplog):
+@pytest.mark.parametrize("differs_in", ["config", "tokenizer"])
+def test_an_expert_with_the_base_weights_is_named_in_a_warning(fam, caplog, differs_in):
     root, experts, _ = fam
-    shutil.copy(root / "base" / WEIGHTS, experts[1] / WEIGHTS)  # same weights, the expert's own config
-    edit_json(experts[1] / "config.json", set_rope_theta)
+    shutil.copy(root / "base" / WEIGHTS, experts[1] / WEIGHTS)  # same weights, the expert's own config or tokenizer
+    if differs_in == "config":
+        edit_json(experts[1] / "config.json", set_rope_theta)
+    else:
+        edit_json(experts[1] / "tokenizer.json", _add_token)
     with caplog.at_level(logging.WARNING, logger="psomerge"):
         search(make_config(fam, steps=0))
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -283,6 +283,57 @@ def test_a_merge_that_fills_the_disk_keeps_the_old_model_and_no_staging(tmp_path
     assert_intact(after, good)
 
 
+FILL_THE_DISK = """
+import json, sys
+from pathlib import Path
+from psomerge.errors import CacheError, CheckpointError
+from psomerge.swarm.cache import CachedFitness, FitnessCache
+from psomerge.swarm.pso import PSOMerging
+from psomerge.swarm.run import save_checkpoint
+
+mnt, out = Path(sys.argv[1]), Path(sys.argv[2])
+cache = FitnessCache(mnt / "fitness.sqlite")
+cache.put("first", CachedFitness(0.5, {}, {}))
+optimizer = PSOMerging(3, 1)
+save_checkpoint(mnt / "checkpoint.json", optimizer, {"step": "first"})
+with open(mnt / "filler", "wb", buffering=0) as f:  # the rest of the disk
+    try:
+        while True:
+            f.write(b"x" * 4096)
+    except OSError:
+        pass
+said = {}
+try:
+    for i in range(200):
+        cache.put(f"k{i}", CachedFitness(0.5, {}, {"pad": "x" * 8192}))
+except CacheError as exc:
+    said["cache"] = str(exc)
+try:
+    save_checkpoint(mnt / "checkpoint.json", optimizer, {"step": "second", "pad": "x" * 100_000})
+except CheckpointError as exc:
+    said["checkpoint"] = str(exc)
+(mnt / "filler").unlink()
+said["kept"] = [json.loads((mnt / "checkpoint.json").read_text())["step"], cache.get("first").fitness]
+out.write_text(json.dumps(said))
+"""
+
+
+def test_a_full_disk_during_a_search_is_an_error_naming_the_file_and_keeps_what_was_written(tmp_path):
+    mnt = tmp_path / "mnt"
+    if not _can_mount_tmpfs(mnt):
+        pytest.skip("cannot mount a tmpfs here (no user namespaces)")
+    script, out = tmp_path / "fill.py", tmp_path / "said.json"
+    script.write_text(FILL_THE_DISK)
+    subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                    f"mount -t tmpfs -o size=256k tmpfs {mnt} && {sys.executable} {script} {mnt} {out}"],
+                   check=True, timeout=120, env={**CLI_ENV, "PYTHONPATH": str(Path(__file__).parents[1])})
+    said = json.loads(out.read_text())
+    assert str(mnt / "fitness.sqlite") in said["cache"] and "full" in said["cache"]
+    assert str(mnt / "checkpoint.json") in said["checkpoint"] and "No space left on device" in said["checkpoint"]
+    assert "the previous step's checkpoint is intact" in said["checkpoint"]
+    assert said["kept"] == ["first", 0.5]
+
+
 def test_private_inputs_give_private_outputs(tmp_path, family):
     base, experts = family
     inputs = [clone(p, tmp_path / p.name) for p in (base, *experts[:2])]
@@ -292,10 +343,40 @@ def test_private_inputs_give_private_outputs(tmp_path, family):
     public = run_merge(linear_recipe(inputs[1:]), tmp_path / "public").out_dir
     assert all(f.stat().st_mode & stat.S_IROTH for f in public.iterdir())  # the contrast: readable stays readable
     (inputs[2] / WEIGHTS).chmod(0o600)
-    out = run_merge(linear_recipe(inputs[1:]), tmp_path / "private").out_dir
+    assert_private(run_merge(linear_recipe(inputs[1:]), tmp_path / "private").out_dir)
+    (inputs[2] / WEIGHTS).chmod(0o644)
+    (inputs[2] / "config.json").chmod(0o600)  # a private config (as a private tokenizer)
+    assert_private(run_merge(linear_recipe(inputs[1:]), tmp_path / "private-config").out_dir)
+    (inputs[2] / "config.json").chmod(0o644)
+    inputs[2].chmod(0o700)  # a folder no one else may enter, with files readable by all
+    assert_private(run_merge(linear_recipe(inputs[1:]), tmp_path / "private-folder").out_dir)
+
+
+def assert_private(out):
     assert not out.stat().st_mode & (stat.S_IROTH | stat.S_IXOTH)
     for f in out.iterdir():
         assert not f.stat().st_mode & (stat.S_IROTH | stat.S_IWOTH), f.name
+
+
+def test_the_swarm_writes_private_experts_into_a_private_model(char_family, tmp_path, monkeypatch):
+    from psomerge.config import RunConfig
+    from psomerge.pipeline import run_swarm
+
+    root, experts, data = char_family
+    monkeypatch.setenv("PSOMERGE_HOME", str(tmp_path / "home"))
+    private = clone(experts[1], tmp_path / "private-expert")
+    (private / WEIGHTS).chmod(0o600)
+    name, path = next(iter(data.items()))
+    cfg = RunConfig.from_dict({
+        "name": "private", "preset": "paper", "base": str(root / "base"), "experts": [str(experts[0]), str(private)],
+        "suites": [{"name": name, "dataset": str(path), "optimisation_size": 4, "heldout_size": 4,
+                    "judge": {"type": "exact_match"}}],
+        "generation": {"max_new_tokens": 2, "batch_size": 64}, "optimizer": {"type": "pso", "steps": 0},
+        "baselines": ["average"], "output_dir": str(tmp_path / "run")})
+    result = run_swarm(cfg)
+    assert_private(result.model_dir)
+    [merge] = (tmp_path / "home" / "cache" / "merges" / "average").iterdir()  # the static baseline too
+    assert_private(merge)
 
 
 def test_staging_abandoned_by_a_killed_writer_is_removed(tmp_path, family):

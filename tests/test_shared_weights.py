@@ -1,6 +1,8 @@
 """The shared weight file the vLLM backend reloads from: a valid safetensors file whose
 tensors a particle is written into in place, exactly as into a resident model."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -70,3 +72,28 @@ def test_backend_is_part_of_the_cache_key(char_family):
     v = RunConfig.from_dict({**base, "generation": {"backend": "vllm", "vllm": {"dtype": "bfloat16"}}},
                             check_paths=False)
     assert v.generation.cache_config() != t and v.generation.cache_config()["dtype"] == "bfloat16"
+
+
+def test_weight_update_is_not_in_the_cache_key_and_in_engine_needs_the_mask_layout(char_family):
+    """Both ways into a vLLM engine give it the same bits (the mask layout's torch sum is the
+    compiled kernel's), so cached scores are shared; the CPU backend's plain GEMMs are not."""
+    root, experts, data = char_family
+    base = {"base": str(root / "base"), "experts": [str(e) for e in experts],
+            "suites": [{"name": n, "dataset": str(p)} for n, p in data.items()]}
+
+    def generation(**vllm):
+        return RunConfig.from_dict({**base, "generation": {"backend": "vllm", "vllm": vllm}}, check_paths=False)
+
+    keys = {json.dumps(generation(weight_update=w).generation.cache_config()) for w in
+            ("auto", "in_engine", "shared_file")}
+    assert len(keys) == 1 and "cpu_linear" not in keys.pop()  # scores cached before either option still count
+    assert generation(cpu_linear="plain").generation.cache_config()["cpu_linear"] == "plain"
+    for storage in ("compact", "ram_dense"):
+        with pytest.raises(ConfigError, match=rf"generation.vllm.weight_update: in_engine needs basis.storage .*"
+                                              rf"'{storage}'"):
+            RunConfig.from_dict({**base, "basis": {"storage": storage},
+                                 "generation": {"backend": "vllm", "vllm": {"weight_update": "in_engine"}}},
+                                check_paths=False)
+    with pytest.raises(ConfigError, match="weight_update"):
+        generation(weight_update="restart")
+

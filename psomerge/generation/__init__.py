@@ -12,14 +12,15 @@ def open_generator(settings: TransformersSettings | VLLMSettings, model_path: st
                    device: str = "cpu") -> Generator:
     """A resident model of ``model_path``'s architecture (its weights are the base's until a
     particle is written in) behind the backend ``settings`` name."""
-    if isinstance(settings, VLLMSettings):  # an engine in its own process; particles go in through a shared file
+    if isinstance(settings, VLLMSettings):  # an engine in its own process; particles summed there or reloaded
         from psomerge.generation.vllm_backend import VLLMGenerator
 
         v = settings.vllm
         return VLLMGenerator(model_path, max_new_tokens=settings.max_new_tokens, stop=settings.stop,
                              python=v.python, dtype=v.dtype, memory_fraction=v.memory_fraction,
                              max_model_len=v.max_model_len, enforce_eager=v.enforce_eager,
-                             engine_args=v.engine_args, startup_timeout=v.startup_timeout)
+                             engine_args=v.engine_args, startup_timeout=v.startup_timeout,
+                             weight_update=v.weight_update, cpu_linear=v.cpu_linear)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -2,8 +2,10 @@
 
 A backend keeps one model resident for a whole run. The swarm writes each particle into
 its weights (``weights``: a torch model, or a name -> tensor mapping) and calls
-``weights_changed()``; ``generate`` then answers with those weights. What changes answers
-is the backend's settings (``settings.py``), part of every cache key.
+``weights_changed()``; ``generate`` then answers with those weights. A backend whose model
+lives in another process may also take a particle as coefficients (``load_coefficients(basis,
+coeffs)``, returning False where it does not). What changes answers is the backend's settings
+(``settings.py``), part of every cache key.
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ class Generator(Protocol):
     def weights(self) -> Any:
         """What a particle is written into: a torch model or a mapping name -> tensor."""
 
-    def generate(self, prompts: Sequence[str]) -> list[str]:
-        """Greedy answers, in order."""
+    def generate(self, prompts: Sequence[str], *, stop: Sequence[str] | None = None,
+                 max_new_tokens: int | None = None) -> list[str]:
+        """Greedy answers, in order. ``stop`` and ``max_new_tokens`` replace the backend's
+        settings for this call (an lm-eval task's ``until`` and ``max_gen_toks``)."""
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]], append_eos: bool = False) -> list[Continuation]:
         """For each (context, continuation): how likely the continuation is after the context
@@ -72,6 +76,8 @@ def encode_continuations(tokenizer, requests: Sequence[tuple[str, str]],
     Trailing whitespace of a context moves to its continuation (tokenizers attach a space to
     the word after it), and the continuation is what the whole text adds after the context's
     own tokens (lm-eval's rules), so a continuation is scored as generation would produce it.
+    A context of no tokens (lm-eval's unconditional requests, ``""``) becomes the BOS token,
+    else EOS, as lm-eval does: the first continuation token needs a position predicting it.
     """
     out = []
     for context, continuation in requests:
@@ -81,6 +87,9 @@ def encode_continuations(tokenizer, requests: Sequence[tuple[str, str]],
         ctx = tokenizer(context, add_special_tokens=True)["input_ids"]
         whole = tokenizer(context + continuation, add_special_tokens=True)["input_ids"]
         cont = whole[len(ctx):]
+        if not ctx:
+            prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            ctx = [prefix]
         if append_eos and tokenizer.eos_token_id is not None:
             cont = cont + [tokenizer.eos_token_id]
         out.append((ctx, cont))

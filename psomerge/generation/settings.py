@@ -26,6 +26,9 @@ class TransformersSettings(_Decoding):
                 "greedy": True}
 
 
+WeightUpdate = Literal["auto", "in_engine", "shared_file"]
+
+
 class VLLMEngineSettings(StrictModel):
     """The vLLM engine (one per resident, kept alive across particles)."""
 
@@ -36,6 +39,16 @@ class VLLMEngineSettings(StrictModel):
     enforce_eager: bool = True
     startup_timeout: float = Field(900.0, gt=0)
     engine_args: dict[str, Any] = {}  # passed to vllm.LLM(...) as they are
+    # How a particle reaches the engine. in_engine: the engine's process holds the basis and sums
+    # each particle into its own weight tensors (only coefficients cross the pipe); shared_file:
+    # summed here into a file in /dev/shm that vLLM reloads (redoing any repacking); auto: in_engine
+    # where the engine computes with its weights as loaded (checked at start), else shared_file.
+    # Both give the engine the same bits, so the choice is not part of the cache key.
+    weight_update: WeightUpdate = "auto"
+    # vLLM's CPU backend only. packed (vLLM's default): linear weights repacked for oneDNN/AMX, so
+    # particles go through the shared file. plain: torch F.linear on the weights as loaded (vLLM's
+    # own fallback), which lets in_engine run on a CPU; other GEMM kernels, so part of the cache key.
+    cpu_linear: Literal["packed", "plain"] = "packed"
 
 
 class VLLMSettings(_Decoding):
@@ -45,8 +58,10 @@ class VLLMSettings(_Decoding):
     vllm: VLLMEngineSettings = VLLMEngineSettings()
 
     def cache_config(self) -> dict:
+        # cpu_linear only where it is not the default: the keys of existing scores stay as they were
+        plain = {"cpu_linear": "plain"} if self.vllm.cpu_linear == "plain" else {}
         return {"backend": self.backend, "max_new_tokens": self.max_new_tokens, "stop": list(self.stop),
-                "greedy": True, "dtype": self.vllm.dtype}
+                "greedy": True, "dtype": self.vllm.dtype, **plain}
 
 
 GenerationSettings = tagged_union({"transformers": TransformersSettings, "vllm": VLLMSettings}, key="backend",

@@ -46,7 +46,10 @@ class TransformersGenerator:
         pass
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[str]) -> list[str]:
+    def generate(self, prompts: Sequence[str], *, stop: Sequence[str] | None = None,
+                 max_new_tokens: int | None = None) -> list[str]:
+        stop = self.stop if stop is None else tuple(stop)
+        max_new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         out: list[str] = []
         device = next(self.model.parameters()).device
         for start in range(0, len(prompts), self.batch_size):
@@ -54,7 +57,7 @@ class TransformersGenerator:
             enc = self.tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=True).to(device)
             gen = self.model.generate(
                 **enc,
-                max_new_tokens=self.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.tokenizer.eos_token_id,
@@ -62,7 +65,7 @@ class TransformersGenerator:
             new = gen[:, enc["input_ids"].shape[1]:]
             self.stats.new_tokens += int((new != self.tokenizer.pad_token_id).sum())
             for text in self.tokenizer.batch_decode(new, skip_special_tokens=True):
-                out.append(cut_at_stop(text, self.stop))
+                out.append(cut_at_stop(text, stop))
         self.stats.calls += 1
         self.stats.prompts += len(prompts)
         return out

@@ -199,7 +199,14 @@ def _alive(pid: int) -> bool:
 
 
 def _is_private(checkpoints: Sequence[Model]) -> bool:
-    return any(not (f.stat().st_mode & stat.S_IROTH) for c in checkpoints for f in c.weight_files())
+    """Whether the world cannot read one of these models: a weight, config or tokenizer file
+    that is not world-readable, or a model folder that others may not enter."""
+    for c in checkpoints:
+        files = [*c.weight_files(), *getattr(c, "model_files", list)()]
+        if any(not f.stat().st_mode & stat.S_IROTH for f in files) or \
+                any(not d.stat().st_mode & stat.S_IXOTH for d in {f.parent for f in files}):
+            return True
+    return False
 
 
 def _replace_dir(new: Path, dst: Path) -> None:

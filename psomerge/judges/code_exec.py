@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from psomerge.judges.protocol import Example, Score, ScorerBase
-from psomerge.judges.sandbox import Limits, RunOutcome, Sandbox, SandboxError, sandbox_for
+from psomerge.judges.sandbox import SANDBOX_VERSION, Limits, RunOutcome, Sandbox, SandboxError, sandbox_for
 from psomerge.templates import field_validator_for, fill
 from psomerge.yamlconfig import StrictModel, validate
 
@@ -33,7 +33,7 @@ class CodeExecSettings(StrictModel):
     type: Literal["code_exec"] = "code_exec"
     program_template: str = HUMANEVAL_TEMPLATE
     timeout: float = Field(5.0, gt=0)
-    memory_mb: int = Field(512, gt=0)
+    memory_mb: int = Field(512, gt=0)  # each process's address space, and what the run's processes hold together
     max_file_mb: int = Field(16, gt=0)
     disk_mb: int = Field(64, gt=0)  # the program's whole writable storage: its private /tmp
     max_processes: int = Field(64, gt=0)
@@ -59,7 +59,8 @@ class CodeExec(ScorerBase):
     def config(self) -> dict[str, Any]:
         s = self.settings
         return {"type": self.name, "program_template": s.program_template, "timeout": s.timeout,
-                "memory_mb": s.memory_mb, "disk_mb": s.disk_mb, "pass": "tests returned"}
+                "memory_mb": s.memory_mb, "disk_mb": s.disk_mb, "pass": "tests returned",
+                "sandbox": SANDBOX_VERSION}
 
     def program(self, example: Example, answer: str) -> str:
         fields = {"prompt": example.prompt, **example.fields, "answer": answer}

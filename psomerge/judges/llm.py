@@ -24,10 +24,11 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
+from psomerge.credentials import looks_like_a_key, url_credentials
 from psomerge.errors import PsomergeError
 from psomerge.hashing import digest
 from psomerge.judges.protocol import Example, Score, ScorerUsage
@@ -48,8 +49,6 @@ _SCALE = re.compile(rf"(?:\b(?:from|between)\s+)?{_NUM}\s*(?:-|–|to|and)\s*{_N
 _OUT_OF = re.compile(rf"({_NUM})\s*(?:/|out\s+of)\s*{_NUM}", re.IGNORECASE)
 _NUMBER = re.compile(_NUM)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_KEY_PREFIX = re.compile(r"(sk|pk|rk|hf|ghp|gho|ghs|ghu|gsk|xai|glpat|xox[abpr])[-_]|AIza")  # as issuers write them
-_SECRET_PARAM = re.compile(r"key|token|secret|passw|sig|auth", re.IGNORECASE)
 
 
 class JudgeError(PsomergeError):
@@ -112,7 +111,7 @@ class LLMJudgeSettings(StrictModel):
     @classmethod
     def _names_a_variable(cls, name: str) -> str:
         # never echo the value: it may be the key itself, and config errors get logged
-        if not _ENV_NAME.fullmatch(name) or _looks_like_a_key(name):
+        if not _ENV_NAME.fullmatch(name) or looks_like_a_key(name):
             raise ValueError("must be the name of an environment variable holding the key (like OPENAI_API_KEY), "
                              "never the key itself; the value given is not a variable name or looks like a key "
                              "(not repeated here)")
@@ -124,12 +123,9 @@ class LLMJudgeSettings(StrictModel):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http(s) URL such as https://api.openai.com/v1")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("must not carry credentials (user:password@host); put the key in the environment "
-                             "variable named by api_key_env")
-        if any(_SECRET_PARAM.search(k) for k, _ in parse_qsl(parts.query, keep_blank_values=True)):
-            raise ValueError("must not carry a key or token in its query string; put the key in the environment "
-                             "variable named by api_key_env")
+        if carried := url_credentials(url):
+            raise ValueError(f"must not carry {carried}; put the key in the environment variable named by "
+                             "api_key_env")
         return url
 
     @field_validator("scale")
@@ -138,13 +134,6 @@ class LLMJudgeSettings(StrictModel):
         if not scale[0] < scale[1]:
             raise ValueError(f"scale {list(scale)} needs low < high")
         return scale
-
-
-def _looks_like_a_key(name: str) -> bool:
-    """Long, and an issuer's key prefix or a mix of upper case, lower case and digits: how keys
-    look, not variable names (HF_TOKEN, OPENAI_API_KEY, my_key pass)."""
-    mixed = any(c.islower() for c in name) and any(c.isupper() for c in name) and sum(c.isdigit() for c in name) >= 2
-    return len(name) >= 20 and (bool(_KEY_PREFIX.match(name)) or mixed)
 
 
 class LLMJudge:

@@ -32,13 +32,35 @@ MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, AT_RECURSIVE, AT_FDCWD, SYS_MOUNT_SETATTR 
 PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, SECCOMP_MODE_FILTER = 1, 22, 38, 2
 SETUP_FAILED = 125
 
-# seccomp: syscalls that would let one process read another's memory (the harness's secret)
-# or take its file descriptors; the kernel allows them between processes of one user.
-_ARCH = {  # machine: (AUDIT_ARCH_*, ptrace, process_vm_readv, process_vm_writev, pidfd_getfd)
-    "x86_64": (0xC000003E, 101, 310, 311, 438),
-    "aarch64": (0xC00000B7, 117, 270, 271, 438),
+# seccomp: what no program needs and a sandbox must not allow (the kernel allows each of these
+# to an unprivileged process):
+# - reading another process's memory or taking its file descriptors (the harness's secret):
+#   ptrace, process_vm_readv/writev, pidfd_getfd;
+# - leaving the network namespace: sockets of every family but IP and netlink (both private
+#   to the namespace): a Unix socket reaches any host service whose socket file is visible,
+#   however read-only the mount, and vsock reaches the hypervisor's host; io_uring, whose
+#   operations (socket, connect) no seccomp filter sees;
+# - storage outside the size-limited /tmp: memfd_create, SysV shared memory;
+# - new namespaces and mounts (a private tmpfs of any size, a fresh view of the host):
+#   unshare, setns, clone with namespace flags, clone3 (its flags are out of the filter's
+#   reach: ENOSYS, so the C library falls back to clone), the mount family;
+# - kernel interfaces a program has no use for: keyrings, bpf, perf events, userfaultfd.
+_SYSCALLS = ("ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "io_uring_setup", "io_uring_enter",
+             "io_uring_register", "memfd_create", "shmget", "unshare", "setns", "mount", "umount2", "pivot_root",
+             "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr", "keyctl",
+             "add_key", "request_key", "bpf", "perf_event_open", "userfaultfd")
+_ARCH = {  # machine: (AUDIT_ARCH_*, {syscall: number})
+    "x86_64": (0xC000003E, dict(zip(_SYSCALLS + ("socket", "clone", "clone3"), (
+        101, 310, 311, 438, 425, 426, 427, 319, 29, 272, 308, 165, 166, 155, 428, 429, 430, 431, 432, 433, 442, 250,
+        248, 249, 321, 298, 323, 41, 56, 435)))),
+    "aarch64": (0xC00000B7, dict(zip(_SYSCALLS + ("socket", "clone", "clone3"), (
+        117, 270, 271, 438, 425, 426, 427, 279, 194, 97, 268, 40, 39, 41, 428, 429, 430, 431, 432, 433, 442, 219,
+        217, 218, 280, 241, 282, 198, 220, 435)))),
 }
 _X32_SYSCALL_BIT = 0x40000000
+SOCKET_FAMILIES = (2, 10, 16)  # AF_INET, AF_INET6, AF_NETLINK
+CLONE_NEW_FLAGS = 0x7E020080  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET | NEWTIME
+_EPERM, _ENOSYS = 1, 38
 
 
 class SetupError(Exception):
@@ -46,20 +68,37 @@ class SetupError(Exception):
 
 
 def seccomp_filter(machine: str | None = None) -> bytes:
-    """A BPF program denying the ptrace family with EPERM (and killing foreign-ABI calls);
-    empty for a machine it has no syscall table for."""
+    """The BPF program of the sandbox's seccomp filter (see above): EPERM for the denied
+    calls, socket families and clone flags, ENOSYS for clone3, death for a foreign ABI; empty
+    for a machine it has no syscall table for."""
     entry = _ARCH.get(machine or os.uname().machine)
     if entry is None:
         return b""
-    arch, *denied = entry
-    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
-    prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, 0x80000000), (ld, 0, 0, 0)]
-    checks = [(jge, _X32_SYSCALL_BIT)] if arch == 0xC000003E else []
-    checks += [(jeq, nr) for nr in denied]
-    deny_at = len(prog) + len(checks) + 1
-    prog += [(op, deny_at - (len(prog) + i) - 1, 0, k) for i, (op, k) in enumerate(checks)]
-    prog += [(ret, 0, 0, 0x7FFF0000), (ret, 0, 0, 0x00050000 | 1)]  # ALLOW; ERRNO(EPERM)
-    return b"".join(struct.pack("HBBI", *insn) for insn in prog)
+    arch, nr = entry
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, eperm, enosys, kill = 0x7FFF0000, 0x00050000 | _EPERM, 0x00050000 | _ENOSYS, 0x80000000
+    # (opcode, k, label to jump to when true, label when false; None: the next instruction);
+    # "name:" marks where label "name" points. Offsets 16 and 4: args[0] (low half) and arch.
+    prog: list = [(ld, 4), (jeq, arch, None, "kill"), (ld, 0)]
+    if arch == 0xC000003E:
+        prog.append((jge, _X32_SYSCALL_BIT, "eperm"))
+    prog += [(jeq, nr[name], "eperm") for name in _SYSCALLS]
+    prog += [(jeq, nr["clone3"], "enosys"), (jeq, nr["socket"], "socket"), (jeq, nr["clone"], "clone"), (ret, allow),
+             "socket:", (ld, 16), *((jeq, family, "allow") for family in SOCKET_FAMILIES), (ret, eperm),
+             "clone:", (ld, 16), (jset, CLONE_NEW_FLAGS, "eperm"), (ret, allow),
+             "allow:", (ret, allow), "eperm:", (ret, eperm), "enosys:", (ret, enosys), "kill:", (ret, kill)]
+    where: dict[str, int] = {}
+    code = []
+    for insn in prog:
+        if isinstance(insn, str):
+            where[insn.rstrip(":")] = len(code)
+        else:
+            code.append((*insn, None, None)[:4])
+
+    def offset(i: int, label: str | None) -> int:
+        return 0 if label is None else where[label] - i - 1  # forward jumps, at most 255: a short program
+
+    return b"".join(struct.pack("HBBI", op, offset(i, jt), offset(i, jf), k) for i, (op, k, jt, jf) in enumerate(code))
 
 
 def main(spec: dict) -> None:
@@ -72,6 +111,7 @@ def main(spec: dict) -> None:
 # -- bubblewrap ------------------------------------------------------------------------
 def exec_bwrap(spec: dict) -> None:
     apply_limits(spec)
+    die_with_scorer(ctypes.CDLL(None, use_errno=True), spec)  # after the user id changed: that clears it
     args = [spec["bwrap"], "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--hostname", "sandbox",
             "--ro-bind", "/", "/", "--dev", "/dev", "--remount-ro", "/dev", "--tmpfs", "/proc",
@@ -89,6 +129,7 @@ def exec_bwrap(spec: dict) -> None:
 # -- namespaces by hand (root) ---------------------------------------------------------
 def run_unshared(spec: dict) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
+    die_with_scorer(libc, spec)
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
     _check(libc.unshare(flags), "unshare(mount, pid, net, ipc, uts, cgroup namespaces)")
     _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
@@ -132,6 +173,14 @@ def enter_sandbox(spec: dict, libc, alive_r: int) -> None:
     os.execve(spec["argv"][0], spec["argv"], spec["env"])
 
 
+def die_with_scorer(libc, spec: dict) -> None:
+    """SIGKILL this process when the scorer that started it dies (a ``kill -9`` of psomerge):
+    the sandbox, which dies with this process, never outlives its scorer."""
+    _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != spec["scorer"]:
+        raise SetupError("the scorer exited before the sandbox started")
+
+
 def read_only_root(libc) -> None:
     """Every mount of this namespace read-only and nosuid (Linux >= 5.12: mount_setattr)."""
     attr = struct.pack("QQQQ", MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)
@@ -144,7 +193,8 @@ def read_only_root(libc) -> None:
 def apply_limits(spec: dict) -> None:
     """rlimits, then root dropped to ``spec.uid`` (the process count binds non-root users only)."""
     for limit, value in ((resource.RLIMIT_CPU, spec["cpu"]), (resource.RLIMIT_AS, spec["address_space"]),
-                         (resource.RLIMIT_FSIZE, spec["file_size"]), (resource.RLIMIT_CORE, 0)):
+                         (resource.RLIMIT_FSIZE, spec["file_size"]), (resource.RLIMIT_CORE, 0),
+                         (resource.RLIMIT_NOFILE, spec["open_files"])):
         resource.setrlimit(limit, (value, value))
     if spec["uid"] is not None:
         os.setgroups([])

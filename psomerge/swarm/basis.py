@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -148,7 +149,10 @@ class Basis:
       and values of its surviving delta entries.
 
     Every layout computes in fp32 and gives the same particle to fp32 rounding; which one
-    made a basis is part of its fingerprint (cached scores are per layout).
+    made a basis is part of its fingerprint (cached scores are per layout). The mask layouts
+    (``ram``, ``cuda``, ``pinned``, ``mmap``) give the same bits as one another. A held layout
+    reads its members on the first particle, not before: a run whose particles are summed in
+    another process (a vLLM engine's, ``spec``) never holds them here.
     """
 
     def __init__(self, checkpoints: Sequence[Model], masks: Sequence[DareMask], labels: Sequence[str],
@@ -174,6 +178,7 @@ class Basis:
         self.group_labels, self.group_of = tensor_groups(self.names, granularity)
         self.granularity = granularity
         self.storage = storage
+        self.spec: dict | None = None  # how another process opens this basis (``from_spec``), set by build_basis
         if storage == "ram_dense":
             self._layout: _Layout = _DenseLayout(self)
         elif storage == "compact":
@@ -182,6 +187,33 @@ class Basis:
             self._layout = _MaskedLayout(self, storage)
         else:
             raise ConfigError(f"basis.storage {storage!r} is not one of ram, cuda, pinned, mmap, ram_dense, compact")
+
+    @classmethod
+    def from_spec(cls, spec: dict, storage: Storage) -> "Basis":
+        """The basis ``spec`` describes (``Basis.spec`` of one built by ``build_basis``, e.g. in
+        another process), its masks as written, held in ``storage``."""
+        base, experts, extras = open_members(spec["base"], spec["experts"], spec["extras"], spec["tokenizer_source"])
+        masks = [DareMask(folder, drop_rate, name) for folder, drop_rate, name in spec["masks"]]
+        shapes = {n: base.info(n).shape for n in floating_names(base)}
+        for mask in masks:
+            mask.check(shapes)
+        basis = cls([base, *experts, *extras], masks, spec["labels"], spec["fingerprint"], spec["granularity"],
+                    storage, model_dir=Path(spec["model_dir"]))
+        basis.spec = spec
+        return basis
+
+    def with_storage(self, storage: Storage) -> "Basis":
+        """The same members and masks, held in ``storage``."""
+        other = Basis(self.checkpoints, self.masks, self.labels, self.fingerprint, self.granularity, storage,
+                      model_dir=self.model_dir)
+        other.spec = self.spec
+        return other
+
+    @property
+    def sums_like_masks(self) -> bool:
+        """Whether particles are summed by the mask layout's kernel (``ram``, ``cuda``,
+        ``pinned``, ``mmap``), whose bits another process holding the same basis reproduces."""
+        return isinstance(self._layout, _MaskedLayout)
 
     @property
     def k(self) -> int:
@@ -236,6 +268,7 @@ class Basis:
         coeffs = np.asarray(coeffs, dtype=np.float64)
         if coeffs.shape != (self.num_groups, self.k):
             raise ValueError(f"coefficients of shape {coeffs.shape}, basis needs {(self.num_groups, self.k)}")
+        self._layout.hold()
         tensors = writable_tensors(target)
         for name in self.names:
             out = tensors.get(name)
@@ -253,6 +286,9 @@ class Basis:
 # -- layouts: what is held, and how one tensor of a particle is summed ------------------------
 
 class _Layout:
+    def hold(self) -> None:
+        """Read what the layout holds, if not yet done (before a particle is materialised)."""
+
     def nbytes(self) -> int:
         raise NotImplementedError
 
@@ -270,13 +306,22 @@ class _MaskedLayout(_Layout):
 
     def __init__(self, basis: Basis, storage: Storage):
         self.basis = basis
+        self.storage = storage
         self.dense: dict[str, list[torch.Tensor]] = {}
         self.bits: dict[str, list[torch.Tensor]] = {}
         if storage == "pinned" and not torch.cuda.is_available():
             raise ConfigError("basis.storage 'pinned' keeps members in page-locked memory for a GPU, "
                               "and no CUDA device is available; use ram")
-        if storage != "mmap":
-            self._load(torch.device("cuda" if storage == "cuda" else "cpu"), pin=storage == "pinned")
+        self._held = threading.Event()
+        self._lock = threading.Lock()
+
+    def hold(self) -> None:
+        if self.storage == "mmap" or self._held.is_set():
+            return
+        with self._lock:  # residents of several threads: one reads, the others wait for it
+            if not self._held.is_set():
+                self._load(torch.device("cuda" if self.storage == "cuda" else "cpu"), pin=self.storage == "pinned")
+                self._held.set()
 
     def _load(self, device: torch.device, pin: bool) -> None:
         """Member after member, closing each. On the host, tensors are read with plain file
@@ -301,11 +346,12 @@ class _MaskedLayout(_Layout):
             mask.close()
 
     def nbytes(self) -> int:
+        self.hold()
         return sum(_nbytes(ts) for ts in self.dense.values()) + sum(_nbytes(ts) for ts in self.bits.values())
 
     def combine_into(self, out: torch.Tensor, name: str, alpha: Sequence[float]) -> None:
         a, s = self.basis.mask_coefficients(alpha)
-        if self.dense:
+        if self._held.is_set():  # else from the files (mmap, or a merge written before any particle): same bits
             masked_sum_into(out, self.dense[name], self.bits[name], a, s)
         else:
             masked_sum_into(out, [c.get(name) for c in self.basis.checkpoints],
@@ -420,10 +466,7 @@ def build_basis(
     """Open base, experts and ``extra_members`` ((label, checkpoint folder) pairs, e.g.
     ("merge:ties", path), held like experts), write (or reuse) the experts' DARE masks,
     return the basis. Coefficients index [base, experts..., dare..., extras...]."""
-    base_ck = open_model(base, name=str(base))
-    expert_cks = [open_model(e, name=str(e), base=base_ck) for e in experts]
-    base_ck, expert_cks = align_vocabularies(base_ck, expert_cks, settings.tokenizer_source)
-    extra_cks = [Checkpoint(path, name=label) for label, path in extra_members]
+    base_ck, expert_cks, extra_cks = open_members(base, experts, extra_members, settings.tokenizer_source)
     names = model_labels(experts)  # distinct even where two expert folders share a name
     labels = (["base"] + [f"expert:{n}" for n in names] + [f"dare:{n}" for n in names]
               + [label for label, _ in extra_members])
@@ -436,7 +479,7 @@ def build_basis(
     if isinstance(base_ck, AlignedModel):  # resident models load the base with the shared vocabulary
         model_dir = Path(cache_dir) / f"base-{digest([fps[: 1 + len(experts)], settings.tokenizer_source], 12)}"
         if not (model_dir / "config.json").exists():
-            write_checkpoint(model_dir, base_ck, lambda name: None)
+            write_checkpoint(model_dir, base_ck, lambda name: None, inputs=expert_cks)  # private if any is
     names = floating_names(base_ck)
     masks = []
     for i, expert in enumerate(expert_cks):
@@ -449,5 +492,21 @@ def build_basis(
     fingerprint = digest({"members": fps, "experts": len(expert_cks), "drop_rate": settings.drop_rate,
                           "seed": settings.seed, "tokenizer_source": settings.tokenizer_source, "dare": "mask",
                           "layout": settings.storage}, 12)
-    return Basis([base_ck, *expert_cks, *extra_cks], masks, labels, fingerprint, settings.granularity,
-                 settings.storage, model_dir=model_dir)
+    basis = Basis([base_ck, *expert_cks, *extra_cks], masks, labels, fingerprint, settings.granularity,
+                  settings.storage, model_dir=model_dir)
+    basis.spec = {"base": str(base), "experts": [str(e) for e in experts],
+                  "extras": [[label, str(path)] for label, path in extra_members],
+                  "tokenizer_source": settings.tokenizer_source, "granularity": settings.granularity,
+                  "masks": [[str(m.folder), m.drop_rate, m.name] for m in masks], "labels": labels,
+                  "fingerprint": fingerprint, "model_dir": str(basis.model_dir)}
+    return basis
+
+
+def open_members(base: str | Path, experts: Sequence[str | Path], extra_members: Sequence[Sequence],
+                 tokenizer_source: TokenizerSource | None) -> tuple[Model, list[Model], list[Checkpoint]]:
+    """Base, experts (checkpoint folders or adapters of the base) in one vocabulary, and the
+    extra members ((label, checkpoint folder) pairs), opened as the basis reads them."""
+    base_ck = open_model(base, name=str(base))
+    expert_cks = [open_model(e, name=str(e), base=base_ck) for e in experts]
+    base_ck, expert_cks = align_vocabularies(base_ck, expert_cks, tokenizer_source)
+    return base_ck, expert_cks, [Checkpoint(path, name=label) for label, path in extra_members]

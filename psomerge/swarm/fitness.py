@@ -57,8 +57,12 @@ class FitnessCounts:
 
 
 def load_particle(generator: Generator, basis: Basis, coeffs: np.ndarray) -> None:
-    basis.materialise(coeffs, generator.weights)
-    generator.weights_changed()
+    """Put the particle into the resident: summed in its own process where it takes
+    coefficients (a vLLM engine writing into its weights), else here into its ``weights``."""
+    load = getattr(generator, "load_coefficients", None)
+    if load is None or not load(basis, coeffs):
+        basis.materialise(coeffs, generator.weights)
+        generator.weights_changed()
 
 
 class ParticleEvaluator:

@@ -4,7 +4,8 @@ materialising a particle.
 ``masked_sum_into`` is the default layout's sum: base, experts and extra members in their
 stored dtype (fp32 or bf16) plus the packed DARE keep-masks, in one compiled pass (numba:
 read the members and the mask bits, write once); elsewhere (a GPU, another dtype, no numba)
-the same sum in torch, chunk by chunk. ``fused_sum_into`` is the one-pass sum over K stacked
+the same sum in torch, chunk by chunk, with the same roundings in the same order: both give
+the same bits, wherever they run. ``fused_sum_into`` is the one-pass sum over K stacked
 fp32 members (the ``ram_dense`` layout); where it does not apply ``weighted_sum_into`` does one
 multiply and K - 1 fused in-place adds. None allocates a temporary of the tensor's size.
 """
@@ -26,6 +27,15 @@ def writable_tensors(target: torch.nn.Module | Mapping[str, torch.Tensor]) -> Ma
     if isinstance(target, torch.nn.Module):
         return {n: p.data for n, p in target.named_parameters(remove_duplicate=False)}
     return target
+
+
+def compiled_kernels() -> bool:
+    """Whether the compiled kernels can run here (numba importable); the torch sums run otherwise."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def fused_sum_into(out: torch.Tensor, stacked: torch.Tensor, alpha: Sequence[float]) -> bool:
@@ -99,20 +109,27 @@ CHUNK_ENTRIES = 1 << 24  # entries per torch step: bounds the temporaries (64 Mi
 
 def _chunked_masked_sum_into(flat: torch.Tensor, dense: Sequence[torch.Tensor], bits: Sequence[torch.Tensor],
                              a: Sequence[float], s: Sequence[float]) -> None:
+    """The compiled kernel's sum, operation for operation: every product rounded to fp32 on
+    its own, then added in the kernel's order, zero coefficients included (they can flip the
+    sign of a zero). No fused multiply-add (``add_(alpha=)`` is one on CPU and GPU), so this
+    path gives the kernel's bits on any device: a particle summed on the GPU, or in the vLLM
+    engine's process, is the one the host would have written."""
+    a = [float(np.float32(c)) for c in a]  # the kernel's fp32 coefficients
+    s = [float(np.float32(c)) for c in s]
     n = flat.numel()
+    term = torch.empty(min(n, CHUNK_ENTRIES), dtype=torch.float32, device=flat.device)
     for lo in range(0, n, CHUNK_ENTRIES):  # a multiple of 8: chunks start on a mask byte
         hi = min(n, lo + CHUNK_ENTRIES)
         # members travel in their stored dtype (a GPU copies half the bytes for bf16), then fp32
         part = [d.reshape(-1)[lo:hi].to(flat.device, non_blocking=True).float() for d in dense]
-        acc = flat[lo:hi]
-        acc.copy_(part[0]).mul_(a[0])
+        acc, t = flat[lo:hi], term[: hi - lo]
+        torch.mul(part[0], a[0], out=acc)
         for p, c in zip(part[1:], a[1:]):
-            if c != 0.0:
-                acc.add_(p, alpha=c)
+            acc.add_(torch.mul(p, c, out=t))
         for i, c in enumerate(s):
-            if c != 0.0:
-                keep = unpack_bits(bits[i][lo // 8: (hi + 7) // 8].to(flat.device, non_blocking=True), hi - lo)
-                acc.add_(torch.sub(part[1 + i], part[0]).mul_(keep), alpha=c)
+            keep = unpack_bits(bits[i][lo // 8: (hi + 7) // 8].to(flat.device, non_blocking=True), hi - lo)
+            # (s_i if bit else +0) * (expert - base), as the kernel writes it
+            acc.add_(torch.sub(part[1 + i], part[0], out=t).mul_(torch.where(keep, c, 0.0)))
 
 
 _NUMPY_VIEW = {torch.float32: ("f", lambda t: t.reshape(-1).numpy()),

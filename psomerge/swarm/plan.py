@@ -3,7 +3,8 @@
 ``plan_memory`` says what goes where for a basis layout and a generation backend: basis
 members (dense, in their stored dtype) and DARE masks, the resident model or the vLLM
 engine's weights, the KV cache / activation reserve, and whether members stay on the GPU or
-in (pinned) host memory. ``MemoryPlan.check`` refuses a plan that does not fit, naming what
+in (pinned) host memory; for vLLM's in-engine path, the members in the engine's process
+beside its weights and KV cache. ``MemoryPlan.check`` refuses a plan that does not fit, naming what
 does not fit and by how much. ``psomerge plan CONFIG --gpu-memory 80GiB`` prints it.
 
 Figures are bytes the run holds, not the allocator's rounding; the transformers activation
@@ -22,10 +23,10 @@ import torch
 
 from psomerge.errors import ConfigError
 from psomerge.generation.settings import TransformersSettings, VLLMSettings
-from psomerge.io import Checkpoint, Model, align_vocabularies, check_compatible, open_model
+from psomerge.io import Model, check_compatible
 from psomerge.io.checkpoint import DTYPES
 from psomerge.io.layout import itemsize
-from psomerge.swarm.basis import BasisSettings, floating_names
+from psomerge.swarm.basis import BasisSettings, floating_names, open_members
 from psomerge.swarm.masks import packed_size
 from psomerge.swarm.materialise import CHUNK_ENTRIES
 
@@ -130,32 +131,46 @@ def plan_memory(
     ``host_memory``): only headers, adapter and tokenizer configs are read. ``planned_extras``:
     extra members not written yet (warm-start static merges, stored like the base);
     ``judge_servers``: (suite, memory_fraction) of each vLLM judge server the run starts on the GPU."""
-    base_ck = open_model(base, name=str(base))
-    experts_ck = [open_model(e, name=str(e), base=base_ck) for e in experts]
-    base_ck, experts_ck = align_vocabularies(base_ck, experts_ck, basis.tokenizer_source)
-    extras = [Checkpoint(p, name=lbl) for lbl, p in extra_members]
+    base_ck, experts_ck, extras = open_members(base, experts, extra_members, basis.tokenizer_source)
     check_compatible(base_ck, experts_ck + extras)
     ref = ModelSize.of(base_ck)
     dense = [ref, *(ModelSize.of(c) for c in experts_ck + extras), *[ref] * planned_extras]
     n, k = len(experts), len(dense) + len(experts)
     plan = MemoryPlan([], {GPU: gpu_memory, HOST: host_memory}, "")
-    _place_members(plan, basis, dense, n, k, ref)
     for suite, fraction in judge_servers:
         plan.allocations.append(Allocation(GPU, f"vLLM judge server of suite {suite!r} "
                                                 f"(memory_fraction {fraction})", int(fraction * gpu_memory)))
     if isinstance(generation, VLLMSettings):
-        _place_engine(plan, generation, basis, ref, gpu_memory)
+        in_engine = plans_in_engine(generation, basis)
+        dtype = _place_engine(plan, generation, basis, ref, gpu_memory, in_engine)
+        if in_engine:
+            _place_members_in_engine(plan, generation, dense, n, ref, gpu_memory, dtype)
+        else:
+            _place_members(plan, basis, dense, n, k, ref)
     else:
+        _place_members(plan, basis, dense, n, k, ref)
         _place_resident(plan, generation, basis, ref, base_ck.config, prompt_tokens, len(dense))
     return plan
+
+
+def plans_in_engine(generation: VLLMSettings, basis: BasisSettings) -> bool:
+    """Whether a vLLM run is planned with the basis in the engine's process: ``in_engine``, and
+    ``auto`` (a CUDA engine computes unquantized layers with its weights as loaded), with a
+    basis layout the engine's sum reproduces."""
+    return generation.vllm.weight_update != "shared_file" and basis.storage not in ("ram_dense", "compact")
+
+
+def _members_label(dense: list[ModelSize], n: int) -> tuple[str, str]:
+    dtypes = ", ".join(sorted({str(d.dtype).removeprefix("torch.") for d in dense}))
+    extras = f" + {len(dense) - 1 - n} extras" if len(dense) > 1 + n else ""
+    return f"basis members: base + {n} experts{extras}", dtypes
 
 
 def _place_members(plan: MemoryPlan, basis: BasisSettings, dense: list[ModelSize], n: int, k: int,
                    ref: ModelSize) -> None:
     storage = basis.storage
-    names = ", ".join(sorted({str(d.dtype).removeprefix("torch.") for d in dense}))
+    what, names = _members_label(dense, n)
     stored = sum(d.stored_bytes for d in dense)
-    what = f"basis members: base + {n} experts" + (f" + {len(dense) - 1 - n} extras" if len(dense) > 1 + n else "")
     masks = n * ref.mask_bytes
     if storage in ("ram", "cuda", "pinned", "mmap"):
         where = {"ram": HOST, "cuda": GPU, "pinned": HOST, "mmap": PAGE_CACHE}[storage]
@@ -175,18 +190,52 @@ def _place_members(plan: MemoryPlan, basis: BasisSettings, dense: list[ModelSize
         plan.members_on = "host memory (fp32, DARE members sparse)"
     if storage == "pinned":
         plan.allocations.append(Allocation(GPU, "staging of one tensor chunk of every member (fp32)",
-                                           _staging_bytes(ref, len(dense))))
+                                           sum_scratch_bytes(ref, len(dense))))
 
 
-def _staging_bytes(ref: ModelSize, dense_members: int) -> int:
-    """GPU temporaries of the chunked sum of members held on the host: each member's chunk in
-    fp32, one task-vector chunk, and the unpacked mask bytes."""
+def sum_scratch_bytes(ref: ModelSize, dense_members: int) -> int:
+    """GPU temporaries of the chunked (torch) sum: each member's chunk in fp32, one term
+    chunk, and the unpacked mask bytes."""
     staged = min(ref.largest, CHUNK_ENTRIES)
     return (dense_members + 1) * staged * 4 + 3 * staged
 
 
+def _place_members_in_engine(plan: MemoryPlan, generation: VLLMSettings, dense: list[ModelSize], n: int,
+                             ref: ModelSize, gpu_memory: int, dtype: torch.dtype) -> None:
+    """The basis where the engine's process puts it (``vllm_inplace.hold_basis``): on the GPU
+    where members, masks and the sum's temporaries fit beside the engine, else pinned host
+    memory, summed on the GPU chunk by chunk."""
+    what, names = _members_label(dense, n)
+    stored, masks = sum(d.stored_bytes for d in dense), n * ref.mask_bytes
+    scratch = (ref.largest * 4 if dtype != torch.float32 else 0) + sum_scratch_bytes(ref, len(dense))
+    needed, free = stored + masks + scratch, gpu_memory - plan.used(GPU)
+    where = GPU if needed <= free else HOST
+    plan.allocations += [
+        Allocation(where, f"{what} (dense, {names}) in the vLLM engine's process", stored),
+        Allocation(where, f"DARE masks: {n} x 1 bit per parameter, in the vLLM engine's process", masks),
+        Allocation(GPU, "sum temporaries: fp32 tensor and chunks (in the vLLM engine's process)", scratch)]
+    plan.members_on = ("GPU, in the vLLM engine's process: each particle summed into the engine's weights"
+                       if where == GPU else "pinned host memory of the vLLM engine's process, summed on the GPU "
+                                            "into the engine's weights")
+    fraction = generation.vllm.memory_fraction
+    if where == HOST:
+        others = plan.used(GPU) - int(fraction * gpu_memory) - scratch
+        room = (gpu_memory - others - needed) / gpu_memory  # the largest fraction leaving the members room
+        if room * gpu_memory > ref.numel * itemsize(dtype):
+            plan.notes.append(f"generation.vllm.memory_fraction <= {int(room * 100) / 100:.2f} (now {fraction}) "
+                              f"would leave the members ({gib(stored + masks)}) room on the GPU")
+    plan.notes.append("the run process holds no members: it sends the engine coefficients, and reads the members "
+                      "from their files once, for the merged model")
+    if generation.vllm.weight_update == "auto":
+        plan.notes.append("weight_update auto: planned for in_engine (what a CUDA engine's unquantized layers allow); "
+                          "should the engine's start-up check refuse, particles go through the shared file "
+                          "(plan it with weight_update: shared_file)")
+
+
 def _place_engine(plan: MemoryPlan, generation: VLLMSettings, basis: BasisSettings, ref: ModelSize,
-                  gpu_memory: int) -> None:
+                  gpu_memory: int, in_engine: bool) -> torch.dtype:
+    """The engine's weights and KV cache; for the shared-file path also the file and the host
+    scratch. Returns the engine's dtype."""
     v = generation.vllm
     if v.dtype == "auto":  # vLLM keeps 16-bit checkpoints as they are and runs fp32 ones in 16 bits
         dtype = ref.dtype if itemsize(ref.dtype) <= 2 else torch.bfloat16
@@ -197,17 +246,20 @@ def _place_engine(plan: MemoryPlan, generation: VLLMSettings, basis: BasisSettin
     budget = int(v.memory_fraction * gpu_memory)
     plan.allocations += [Allocation(GPU, f"vLLM engine weights ({label})", weights),
                          Allocation(GPU, f"vLLM KV cache and activations (rest of memory_fraction {v.memory_fraction})",
-                                    max(0, budget - weights)),
-                         Allocation(HOST, f"shared weight file in /dev/shm ({label}) the engine reloads from", weights)]
-    if dtype != torch.float32:
-        plan.allocations.append(Allocation(HOST, "fp32 scratch for one tensor of the sum", ref.largest * 4))
+                                    max(0, budget - weights))]
+    if not in_engine:
+        plan.allocations.append(Allocation(HOST, f"shared weight file in /dev/shm ({label}) the engine reloads from",
+                                           weights))
+        if dtype != torch.float32:
+            plan.allocations.append(Allocation(HOST, "fp32 scratch for one tensor of the sum", ref.largest * 4))
     if weights >= budget:
         plan.limits.append(f"vLLM engine weights ({label}, {gib(weights)}) exceed generation.vllm.memory_fraction "
                            f"x GPU ({v.memory_fraction} x {gib(gpu_memory)} = {gib(budget)}) by "
                            f"{gib(weights - budget)}, leaving no room for the KV cache")
     if basis.storage in ("cuda", "pinned"):
-        plan.limits.append(f"basis.storage {basis.storage!r} does not combine with the vLLM backend (the particle is "
-                           "summed on the host into the file the engine reloads); use ram or mmap")
+        plan.limits.append(f"basis.storage {basis.storage!r} does not combine with the vLLM backend (the engine owns "
+                           "the GPU, and its process places the basis itself); use ram or mmap")
+    return dtype
 
 
 def _place_resident(plan: MemoryPlan, generation: TransformersSettings, basis: BasisSettings, ref: ModelSize,
@@ -223,7 +275,7 @@ def _place_resident(plan: MemoryPlan, generation: TransformersSettings, basis: B
         plan.allocations.append(Allocation(GPU, "CUDA context and allocator slack (estimate)", CUDA_CONTEXT))
         if basis.storage == "cuda":
             members = sum(a.nbytes for a in plan.allocations if a.what.startswith(("basis members", "DARE masks")))
-            without = plan.used(GPU) - members + _staging_bytes(ref, dense_members)
+            without = plan.used(GPU) - members + sum_scratch_bytes(ref, dense_members)
             if plan.used(GPU) > (plan.capacity[GPU] or 0) and without <= (plan.capacity[GPU] or 0):
                 plan.notes.append(f"basis.storage: pinned would keep the members ({gib(members)}) in host memory "
                                   f"and need {gib(without)} of GPU memory")

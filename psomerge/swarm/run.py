@@ -44,11 +44,17 @@ class SwarmResult:
 
 
 def save_checkpoint(path: Path, optimizer: Optimizer, extra: dict[str, Any]) -> None:
-    """Atomic write: a crash mid-write leaves the previous checkpoint intact."""
+    """Atomic write: a crash or a full disk mid-write leaves the previous checkpoint intact."""
     state = {"version": CHECKPOINT_VERSION, "optimizer_state": optimizer.state_dict(), **extra}
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        kept = "the previous step's checkpoint is intact" if path.exists() else "no checkpoint was written"
+        raise CheckpointError(f"cannot write swarm checkpoint {path} ({exc.strerror or exc}); {kept}: free space "
+                              "and resume (--resume; particles scored since come from the fitness cache)") from exc
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

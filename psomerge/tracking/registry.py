@@ -69,11 +69,15 @@ def configure(experiment: str = "psomerge") -> str:
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Dotted keys for MLflow params and tags; a list of sections (suites) by position, so each
+    value stays short (MLflow cuts params at 6000 characters)."""
     out: dict[str, str] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(x, dict) for x in v):
+            out.update(flatten({str(i): x for i, x in enumerate(v)}, key + "."))
         else:
             out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
     return out

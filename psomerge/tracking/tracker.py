@@ -12,6 +12,7 @@ from typing import Any
 import mlflow
 
 from psomerge.config import RunConfig
+from psomerge.credentials import redact
 from psomerge.evaluation import EvalResult
 from psomerge.evaluation.gate import GateScores
 from psomerge.hashing import digest
@@ -36,7 +37,8 @@ class MLflowTracker:
         run_id = (resumed or {}).get("mlflow_run_id")
         self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{config.name}-{config.optimizer.type}")
         if run_id is None:
-            mlflow.log_params(registry.flatten(config.model_dump(mode="json")))
+            # free-form values (a served judge's command line, a cluster's address) may hold credentials
+            mlflow.log_params(registry.flatten(redact(config.model_dump(mode="json"))))
             labels = model_labels(list(info.fingerprints))  # distinct where folders share a name
             mlflow.set_tags({f"fingerprint.{label}": v for label, v in zip(labels, info.fingerprints.values())})
         self.info = info
