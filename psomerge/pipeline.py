@@ -166,7 +166,8 @@ class RunResult:
 
     @property
     def merged_label(self) -> str:
-        return f"psomerge:{self.config.optimizer.type}"
+        """``psomerge:paper`` for PSO-Merging as published, else ``psomerge:<optimizer>``."""
+        return "psomerge:paper" if self.config.preset == "paper" else f"psomerge:{self.config.optimizer.type}"
 
     @property
     def heldout(self) -> list[tuple[str, EvalResult]]:

@@ -52,7 +52,7 @@ def test_pso_flow_tracks_registers_and_promotes(tmp_path, home, char_family, mon
     workdir.mkdir()
     monkeypatch.chdir(workdir)  # everything a run writes belongs under $PSOMERGE_HOME
     summary = pso_merge(str(cfg))
-    assert [r.label for r in summary.rows] == ["base", "expert:e0", "expert:e1", "average", "psomerge:pso"]
+    assert [r.label for r in summary.rows] == ["base", "expert:e0", "expert:e1", "average", "psomerge:paper"]
     assert summary.counts.fitness_calls == 5 * 3
     reg = summary.registration
     assert reg.version == "1" and reg.promotion["promoted"] and not reg.reused

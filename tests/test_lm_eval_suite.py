@@ -315,5 +315,5 @@ def test_a_swarm_run_over_lm_eval_suites(char_family, tasks, tmp_path, monkeypat
     assert set(reads) == {"optimisation"} and first.counts.scorings > 0
     second = run_swarm(config)
     assert second.counts.scorings == 0 and "heldout" in reads
-    assert [label for label, _ in second.heldout] == ["base", "expert:e0", "expert:e1", "psomerge:pso"]
+    assert [label for label, _ in second.heldout] == ["base", "expert:e0", "expert:e1", "psomerge:paper"]
     assert all(0 <= r.heldout.scores["mc"] <= 1 for r in second.rows)

@@ -183,7 +183,7 @@ def test_swarm_run_accepts_an_adapter_expert(char_family, tmp_path, monkeypatch)
                            lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"])
     cfg = make_config(root, [experts[0], adapter], data)
     run = run_swarm(cfg.model_copy(update={"cache_path": tmp_path / "c.sqlite", "output_dir": tmp_path / "run"}))
-    assert [label for label, _ in run.heldout] == ["base", "expert:e0", "expert:adapter-expert", "psomerge:pso"]
+    assert [label for label, _ in run.heldout] == ["base", "expert:e0", "expert:adapter-expert", "psomerge:paper"]
     assert run.basis.fingerprints[str(adapter)] == open_model(adapter, base=root / "base").fingerprint()
     # the adapter member of the basis is base + LoRA
     written = load_all(run.model_dir)

@@ -400,7 +400,7 @@ def test_experts_whose_folders_share_a_name_keep_distinct_rows(fam):
     data["experts"] = [str(root / f"team{i}" / "expert") for i in range(2)]
     run = run_swarm(RunConfig.from_dict(data))
     labels = [label for label, _ in run.heldout]
-    assert labels == ["base", "expert:team0/expert", "expert:team1/expert", "psomerge:pso"]
+    assert labels == ["base", "expert:team0/expert", "expert:team1/expert", "psomerge:paper"]
     assert run.basis.labels == ["base", "expert:team0/expert", "expert:team1/expert",
                                 "dare:team0/expert", "dare:team1/expert"]
 

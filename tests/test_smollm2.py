@@ -66,7 +66,7 @@ def test_preset_experts_merge_through_a_swarm_run(smol, monkeypatch):
     cfg = smollm2_run_config(assets, TINY, "pso", steps=1, baselines=[], preset="paper")
     run = run_swarm(cfg)
     assert run.counts.scorings == run.counts.fitness_calls - run.counts.cache_hits > 0
-    assert [label for label, _ in run.heldout] == ["base", "expert:sentiment", "expert:iso_code", "psomerge:pso"]
+    assert [label for label, _ in run.heldout] == ["base", "expert:sentiment", "expert:iso_code", "psomerge:paper"]
     for _, result in run.heldout:
         assert set(result.scores) == {"sentiment", "iso_code"}
         assert result.num_examples == (30 - 8) + (24 - 8)  # held-out only

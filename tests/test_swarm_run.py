@@ -42,7 +42,7 @@ def test_search_never_reads_heldout_examples(char_family, monkeypatch, tmp_path)
     reads.clear()
     run = run_swarm(cfg.model_copy(update={"cache_path": tmp_path / "c.sqlite"}))
     assert "heldout" in reads
-    assert [label for label, _ in run.heldout] == ["base", "expert:e0", "expert:e1", "psomerge:pso"]
+    assert [label for label, _ in run.heldout] == ["base", "expert:e0", "expert:e1", "psomerge:paper"]
     assert run.counts.scorings == 0  # second run: every particle came from the cache
     assert (run.output_dir / "model" / "psomerge_coefficients.json").exists()
 

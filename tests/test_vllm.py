@@ -109,7 +109,7 @@ def test_vllm_generation_backend_reloads_particles_into_one_engine(vllm_family, 
         # a whole run on the vLLM backend, with its own cache entries
         run = run_swarm(cfg_v, context=ws_v)
         assert run.counts.scorings > 0 and run.counts.generated_tokens > 0
-        assert [label for label, _ in run.heldout][-1] == "psomerge:pso"
+        assert [label for label, _ in run.heldout][-1] == "psomerge:paper"
         assert len(ws_v.evaluator.residents) == 1 and engine.timings.pushes > len(particles)
 
         # an engine that dies is reported with its log, not hung on
@@ -166,7 +166,7 @@ def test_in_engine_particles_are_summed_into_the_running_engine(vllm_family, tmp
             assert rv._proc.pid == pid and rv.timings.pushes == 2 * len(particles)
         run = run_swarm(cfg_v, context=ws_v)  # a whole run on the in-engine path
         assert run.counts.scorings > 0 and run.counts.generated_tokens > 0
-        assert [label for label, _ in run.heldout][-1] == "psomerge:pso"
+        assert [label for label, _ in run.heldout][-1] == "psomerge:paper"
     finally:
         ws_v.close()
         ws_t.close()

@@ -162,7 +162,7 @@ def test_swarm_with_union_vocabulary(char_family, tmp_path, monkeypatch):
     cfg = cfg.model_copy(update={"basis": cfg.basis.model_copy(update={"tokenizer_source": "union"}),
                                  "baselines": ["ties"]})
     run = run_swarm(cfg)
-    assert [label for label, _ in run.heldout] == ["base", "expert:e0", "expert:e1", "ties", "psomerge:pso"]
+    assert [label for label, _ in run.heldout] == ["base", "expert:e0", "expert:e1", "ties", "psomerge:paper"]
     union = vocab_of(run.model_dir)
     assert set(union) == set(vocab_of(base)) | set(vocab_of(experts[0])) | set(vocab_of(experts[1]))
     assert json.loads((run.model_dir / "config.json").read_text())["vocab_size"] == len(union)
