@@ -113,7 +113,7 @@ class RunConfig(StrictModel):
                                   for f in ("inertia", "cognitive", "social", "extra_particles", "velocity_clamp",
                                             "bounds")):
             raise ValueError("preset 'paper' runs PSO-Merging as published: optimizer type pso with inertia 0.2, "
-                             "cognitive 2, social 2 and no extra particles, clamp or bounds (only steps and seed "
+                             "cognitive 2, social 2 and no extra particles, clamp or bounds (only steps, budget and seed "
                              "may change)")
         for s in self.suites:
             if [(t.scorer, t.weight) for t in s.fitness] != [("judge", 1.0)]:

@@ -130,6 +130,19 @@ def test_random_search_and_scale_grid_spend_their_budget():
     assert result.best_position[0, 1] == pytest.approx(0.3, abs=0.05)
 
 
+def test_swarms_stop_before_a_step_that_would_exceed_their_budget():
+    from psomerge.swarm.model_swarms import ModelSwarms, ModelSwarmsSettings
+    from psomerge.swarm.pso import PSOMerging, PSOSettings
+
+    target = np.array([[0.1, 0.3, 0.3, 0.3]])
+    for optimizer in (PSOMerging(4, 1, PSOSettings(steps=100, budget=14)),
+                      ModelSwarms(4, 1, ModelSwarmsSettings(steps=100, budget=14, early_stop=100))):
+        result = run_optimizer(optimizer, sphere(target))
+        assert result.evaluations == 12  # three whole swarms of 4; a fourth would spend 16
+    # steps still bound a run with budget to spare
+    assert run_optimizer(PSOMerging(4, 1, PSOSettings(steps=1, budget=100)), sphere(target)).evaluations == 8
+
+
 def test_sure_racing_never_stops_a_particle_that_would_be_a_new_best():
     rng = np.random.default_rng(0)
     sizes, weights = {"a": 40, "b": 24}, {"a": 1.0, "b": 2.0}

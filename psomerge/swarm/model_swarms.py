@@ -64,7 +64,7 @@ class ModelSwarms(SwarmOptimizer):
             self.lam = max(self.lam * self.settings.decay, self.settings.min_step_length)
 
     def done(self) -> bool:
-        return self.step > self.settings.steps or self.global_stale >= self.settings.early_stop
+        return self.step > self.settings.steps or self.global_stale >= self.settings.early_stop or self.over_budget()
 
     def _extra_state(self):
         return {**super()._extra_state(), "phi": to_json(self.phi), "fitness": to_json(self.fitness),

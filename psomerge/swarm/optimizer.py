@@ -28,6 +28,8 @@ class OptimizerSettings(StrictModel):
 
 class SwarmSettings(OptimizerSettings):
     extra_particles: int = Field(0, ge=0)  # Dirichlet-random starts beside the K one-hot ones
+    # fitness evaluations: stop before a step that would exceed it (searches compared at equal cost)
+    budget: int | None = Field(None, gt=0)
 
 
 def initial_positions(k: int, groups: int, extra: int, rng: np.random.Generator) -> np.ndarray:
@@ -142,6 +144,11 @@ class SwarmOptimizer(Optimizer):
     @abstractmethod
     def _move(self) -> tuple[np.ndarray, np.ndarray]:
         """New (positions, velocities); draws its random numbers from self.rng."""
+
+    def over_budget(self) -> bool:
+        """The next step (a whole swarm) would spend more evaluations than ``budget``."""
+        b = self.settings.budget
+        return b is not None and self.evaluations + len(self.x) > b
 
     def ask(self) -> list[np.ndarray]:
         self._pending = self._move() if self.step > 0 else (self.x, self.v)

@@ -79,4 +79,4 @@ class PSOMerging(SwarmOptimizer):
         return x, v
 
     def done(self) -> bool:
-        return self.step > self.settings.steps
+        return self.step > self.settings.steps or self.over_budget()
