@@ -81,7 +81,7 @@ class Recorder(InProcessScoring):
 
 def method_config(base: dict, method: str, budget: int, seed: int) -> dict:
     cfg = json.loads(json.dumps(base))
-    cfg["name"] = f"study-{method}-s{seed}"
+    cfg["name"] = f"study-{cfg['name']}-{method}-s{seed}"
     k_steps = 1000  # budgets stop the searches, not steps
     if method == "paper":
         cfg.update(preset="paper", optimizer={"type": "pso", "steps": k_steps, "seed": seed},

@@ -156,13 +156,13 @@ def demo(
     data_dir: Annotated[Optional[Path], typer.Option(help="where demo models and caches live (default $PSOMERGE_HOME or ./.psomerge)")] = None,
     preset: Annotated[str, typer.Option(help="tiny: char-level experts built in ~4 min; smollm2: SmolLM2-135M-Instruct "
                                              "and two experts fine-tuned on real data (~25 min on 2 CPU cores)")] = "tiny",
-    steps: Annotated[Optional[int], typer.Option(help="PSO steps (default 5 tiny, 3 smollm2); CMA-ES gets the same "
-                                                      "number of evaluations")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="PSO-Merging's steps (default 5 tiny, 3 smollm2); psomerge's "
+                                                      "search gets the same number of fitness evaluations")] = None,
     verbose: bool = False,
 ) -> None:
-    """Build the preset's experts (cached), then run the static baselines, PSO-Merging and CMA-ES
-    at equal evaluation budgets through the Prefect flow with MLflow tracking, register the
-    merges and promote the champion."""
+    """Build the preset's experts (cached), then run the static baselines, psomerge's search and
+    PSO-Merging as published at equal evaluation budgets through the Prefect flow with MLflow
+    tracking, register the merges and promote the champion."""
     if preset not in ("tiny", "smollm2"):
         _fail(PsomergeError(f"--preset {preset!r} is not one of tiny, smollm2"))
     if data_dir is not None:
@@ -192,8 +192,8 @@ def demo(
 
                 assets = build_tiny(root, TinySpec(), on_build)
                 steps = 5 if steps is None else steps
-                make_config = partial(tiny_run_config, assets, steps=steps)
-                model_name = "psomerge-demo"
+                make_config = partial(tiny_run_config, assets)
+                model_name, run_prefix = "psomerge-demo", "demo"
             else:
                 from psomerge.presets.smollm2 import SmolSpec, build_smollm2, smollm2_run_config
 
@@ -201,24 +201,30 @@ def demo(
                             "(once, cached; about 10 minutes on 2 cores)")
                 assets = build_smollm2(root, SmolSpec(), on_build)
                 steps = 3 if steps is None else steps
-                make_config = partial(smollm2_run_config, assets, SmolSpec(), steps=steps)
-                model_name = "psomerge-smollm2"
+                make_config = partial(smollm2_run_config, assets, SmolSpec())
+                model_name, run_prefix = "psomerge-smollm2", "smollm2"
         from psomerge.orchestration.flows import run_flow
 
+        # PSO-Merging as published: 2N+1 particles for steps + 1 rounds; psomerge's search spends no more
+        budget = (1 + 2 * len(assets.experts)) * (steps + 1)
+        searches = {"psomerge": dict(name=f"{run_prefix}-pso", steps=1000, budget=budget),
+                    "paper": dict(name=f"{run_prefix}-paper", steps=steps, baselines=[],
+                                  preset="paper")}  # baselines once, in the first run
         results = {}
-        for optimizer, baselines in (("pso", None), ("cmaes", [])):  # baselines once, in the PSO run
-            cfg = make_config(optimizer, baselines=baselines)
+        for what, settings in searches.items():
+            cfg = make_config("pso", **settings)
             path = root / "runs" / f"{cfg.name}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-            console.log(f"running the {optimizer} flow ({path})")
+            console.log(f"running the {what} search ({path})")
             with ConsoleProgress(console) as progress:
-                results[optimizer] = run_flow(path, progress=progress)
+                results[what] = run_flow(path, progress=progress)
     except PsomergeError as exc:
         _fail(exc)
-    pso, cmaes = results["pso"], results["cmaes"]
-    _print_summary(pso, extra_rows=[r for r in cmaes.rows if r.label == cmaes.merged_label])
-    _print_registration("CMA-ES", cmaes)
+    ours, paper = results["psomerge"], results["paper"]
+    _print_summary(ours, extra_rows=[r for r in paper.rows if r.label == paper.merged_label],
+                   counts=_total_counts([ours, paper]))
+    _print_registration("PSO-Merging (paper)", paper)
     db = (root / "mlflow.db").resolve()
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     prefect_cli = Path(sys.executable).parent / "prefect"

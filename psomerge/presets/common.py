@@ -130,10 +130,11 @@ def train(
 
 
 def preset_run_config(assets: PresetAssets, *, name: str, model_name: str, suite: dict, generation: dict,
-                      optimizer: str, steps: int, baselines: list[str] | None, source: str, **overrides):
+                      optimizer: str, steps: int, baselines: list[str] | None, source: str,
+                      budget: int | None = None, **overrides):
     """A run config over a built preset: one suite per expert's dataset, with ``suite``'s
     settings (prompt, judge, split sizes) shared by all; ``overrides`` are top-level keys
-    (e.g. ``preset="paper"``, ``racing=None``)."""
+    (e.g. ``preset="paper"``, ``racing=None``); ``budget`` caps the optimiser's fitness evaluations."""
     from psomerge.config import RunConfig
 
     extra: dict = {"baselines": baselines} if baselines is not None else {}
@@ -144,7 +145,7 @@ def preset_run_config(assets: PresetAssets, *, name: str, model_name: str, suite
         "suites": [{"name": n, "dataset": str(p), "answer_field": "answer", "id_field": "id", **suite}
                    for n, p in assets.datasets.items()],
         "generation": generation,
-        "optimizer": {"type": optimizer, "steps": steps},
+        "optimizer": {"type": optimizer, "steps": steps, **({"budget": budget} if budget is not None else {})},
         "registry": {"model_name": model_name},
         **extra,
         **overrides,

@@ -25,6 +25,7 @@ from psomerge.presets.tiny_tasks import ALPHABET, DEMO_TASKS, copy, unique_examp
 log = logging.getLogger(__name__)
 BUILD_VERSION = 1  # bump when the build procedure changes what it produces
 OPTIMISATION_SIZE = 60
+VALIDATION_SIZE = 60  # model selection and the promotion gate read it; the other 180 per task are held out
 MAX_NEW_TOKENS = 10
 
 
@@ -134,6 +135,6 @@ def tiny_run_config(assets: PresetAssets, optimizer: str = "pso", steps: int = 5
     return preset_run_config(
         assets, name=name or f"demo-{optimizer}", model_name="psomerge-demo",
         suite={"prompt_template": "{question}", "judge": {"type": "exact_match", "normalizer": "none"},
-               "optimisation_size": OPTIMISATION_SIZE},
+               "optimisation_size": OPTIMISATION_SIZE, "validation_size": VALIDATION_SIZE},
         generation={"max_new_tokens": MAX_NEW_TOKENS, "batch_size": 256},
         optimizer=optimizer, steps=steps, baselines=baselines, source="<demo>", **overrides)
