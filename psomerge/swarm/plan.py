@@ -157,7 +157,7 @@ def plans_in_engine(generation: VLLMSettings, basis: BasisSettings) -> bool:
     """Whether a vLLM run is planned with the basis in the engine's process: ``in_engine``, and
     ``auto`` (a CUDA engine computes unquantized layers with its weights as loaded), with a
     basis layout the engine's sum reproduces."""
-    return generation.vllm.weight_update != "shared_file" and basis.storage not in ("ram_dense", "compact")
+    return generation.vllm.weight_update != "shared_file" and basis.sums_like_masks
 
 
 def _members_label(dense: list[ModelSize], n: int) -> tuple[str, str]:
@@ -172,7 +172,7 @@ def _place_members(plan: MemoryPlan, basis: BasisSettings, dense: list[ModelSize
     what, names = _members_label(dense, n)
     stored = sum(d.stored_bytes for d in dense)
     masks = n * ref.mask_bytes
-    if storage in ("ram", "cuda", "pinned", "mmap"):
+    if basis.sums_like_masks:
         where = {"ram": HOST, "cuda": GPU, "pinned": HOST, "mmap": PAGE_CACHE}[storage]
         plan.allocations += [Allocation(where, f"{what} (dense, {names})", stored),
                              Allocation(where, f"DARE masks: {n} x 1 bit per parameter", masks)]
