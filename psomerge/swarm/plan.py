@@ -200,14 +200,24 @@ def sum_scratch_bytes(ref: ModelSize, dense_members: int) -> int:
     return (dense_members + 1) * staged * 4 + 3 * staged
 
 
+def engine_basis_bytes(dense: Sequence[ModelSize], n_masks: int, engine_dtype: torch.dtype) -> tuple[int, int, int]:
+    """(members, masks, sum temporaries): the bytes a vLLM engine's process needs to hold a
+    basis and sum particles into its weights on the GPU (the in-engine path), as
+    ``vllm_inplace.hold_basis`` places it and ``plan_memory`` plans it. The temporaries are the
+    chunked sum's, and one tensor's fp32 sum where the engine's weights are in another dtype."""
+    ref = dense[0]
+    fp32_tensor = ref.largest * 4 if engine_dtype != torch.float32 else 0  # Basis.materialise's scratch
+    return (sum(d.stored_bytes for d in dense), n_masks * ref.mask_bytes,
+            fp32_tensor + sum_scratch_bytes(ref, len(dense)))
+
+
 def _place_members_in_engine(plan: MemoryPlan, generation: VLLMSettings, dense: list[ModelSize], n: int,
                              ref: ModelSize, gpu_memory: int, dtype: torch.dtype) -> None:
     """The basis where the engine's process puts it (``vllm_inplace.hold_basis``): on the GPU
     where members, masks and the sum's temporaries fit beside the engine, else pinned host
     memory, summed on the GPU chunk by chunk."""
     what, names = _members_label(dense, n)
-    stored, masks = sum(d.stored_bytes for d in dense), n * ref.mask_bytes
-    scratch = (ref.largest * 4 if dtype != torch.float32 else 0) + sum_scratch_bytes(ref, len(dense))
+    stored, masks, scratch = engine_basis_bytes(dense, n, dtype)
     needed, free = stored + masks + scratch, gpu_memory - plan.used(GPU)
     where = GPU if needed <= free else HOST
     plan.allocations += [
