@@ -472,6 +472,16 @@ def test_an_answer_that_is_no_text_fails_to_compile(scorer, problems):
     assert s.value == 0.0 and s.meta["status"] == "failed" and "SyntaxError" in s.meta["stderr"]
 
 
+def test_every_limit_that_decides_a_pass_is_in_the_cache_key(scorer):
+    """Scores cached under one limit are never read for another; the defaults keep the keys of
+    scores cached before the file-size and process limits were part of them."""
+    default = scorer.config()
+    assert "max_file_mb" not in default and "max_processes" not in default
+    for key, value in (("memory_mb", 256), ("disk_mb", 8), ("max_file_mb", 2), ("max_processes", 8)):
+        other = CodeExec(timeout=10, workers=2, **{key: value}).config()
+        assert other != default and other[key] == value, key
+    assert CodeExec(timeout=10, workers=2, max_file_mb=16, max_processes=64).config() == default
+
 # Holds the sandbox's whole process limit for a few seconds, as a fork bomb does.
 HOLD_PROCESSES = """
 import sys
