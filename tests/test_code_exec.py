@@ -455,6 +455,18 @@ def test_processes_together_are_held_to_the_memory_limit(use_bwrap):
     assert one.value == 1.0, one.meta
 
 
+def test_a_kernel_that_lists_no_child_processes_is_named_in_a_warning(monkeypatch, caplog):
+    """The run-wide memory watch walks /proc/PID/task/TID/children: where the kernel has none,
+    memory_mb bounds each process alone, and the probe says so rather than nothing."""
+    from psomerge.judges import sandbox
+
+    assert sandbox.watches_process_trees()  # here it has them: the test above holds runs to the limit
+    monkeypatch.setattr(sandbox, "watches_process_trees", lambda: False)
+    with caplog.at_level("WARNING", logger="psomerge.judges.sandbox"):
+        CodeExec(timeout=10, memory_mb=509)  # limits of their own: probed afresh
+    assert "does not list child processes" in caplog.text and "memory_mb (509 MB) bounds each process" in caplog.text
+
+
 @SANDBOXES
 def test_a_flood_on_stderr_is_cut_and_the_timeout_holds(use_bwrap):
     from psomerge.judges.sandbox import STDERR_KEPT
