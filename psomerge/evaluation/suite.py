@@ -86,9 +86,9 @@ class SuiteSettings(StrictModel):
                 raise ValueError(f"suite {name!r} is an lm_eval suite: {key!r} does not apply (its task gives "
                                  "documents, prompts and metric); remove it")
         chat = data.get("chat")
+        chat = chat.model_dump() if isinstance(chat, ChatSettings) else chat
         for key in ("shots", "shot_answer_template"):
-            if isinstance(chat, (dict, ChatSettings)) and _chosen(
-                    chat if isinstance(chat, dict) else chat.model_dump(), key, ChatSettings.model_fields[key].default):
+            if isinstance(chat, dict) and _chosen(chat, key, ChatSettings.model_fields[key].default):
                 raise ValueError(f"suite {name!r} is an lm_eval suite: 'chat.{key}' does not apply (its task's "
                                  "few-shot examples are set by lm_eval.num_fewshot); remove it")
         return data
