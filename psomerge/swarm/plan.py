@@ -194,10 +194,11 @@ def _place_members(plan: MemoryPlan, basis: BasisSettings, dense: list[ModelSize
 
 
 def sum_scratch_bytes(ref: ModelSize, dense_members: int) -> int:
-    """GPU temporaries of the chunked (torch) sum: each member's chunk in fp32, one term
-    chunk, and the unpacked mask bytes."""
+    """GPU temporaries of the chunked (torch) sum at their peak: each member's chunk in fp32,
+    the term chunk and the masked coefficients' chunk (fp32), and one unpacked mask (a byte per
+    entry; unpacking it takes three, before the coefficients' chunk exists)."""
     staged = min(ref.largest, CHUNK_ENTRIES)
-    return (dense_members + 1) * staged * 4 + 3 * staged
+    return (dense_members + 2) * staged * 4 + staged
 
 
 def engine_basis_bytes(dense: Sequence[ModelSize], n_masks: int, engine_dtype: torch.dtype) -> tuple[int, int, int]:
