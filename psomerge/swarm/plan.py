@@ -245,8 +245,8 @@ def _place_members_in_engine(plan: MemoryPlan, generation: VLLMSettings, dense: 
 
 def _place_engine(plan: MemoryPlan, generation: VLLMSettings, basis: BasisSettings, ref: ModelSize,
                   gpu_memory: int, in_engine: bool) -> torch.dtype:
-    """The engine's weights and KV cache; for the shared-file path also the file and the host
-    scratch. Returns the engine's dtype."""
+    """The engine's weights and KV cache, and the shared file in /dev/shm; for the shared-file
+    path also the host scratch of the sum. Returns the engine's dtype."""
     v = generation.vllm
     if v.dtype == "auto":  # vLLM keeps 16-bit checkpoints as they are and runs fp32 ones in 16 bits
         dtype = ref.dtype if itemsize(ref.dtype) <= 2 else torch.bfloat16
@@ -258,11 +258,13 @@ def _place_engine(plan: MemoryPlan, generation: VLLMSettings, basis: BasisSettin
     plan.allocations += [Allocation(GPU, f"vLLM engine weights ({label})", weights),
                          Allocation(GPU, f"vLLM KV cache and activations (rest of memory_fraction {v.memory_fraction})",
                                     max(0, budget - weights))]
-    if not in_engine:
-        plan.allocations.append(Allocation(HOST, f"shared weight file in /dev/shm ({label}) the engine reloads from",
-                                           weights))
-        if dtype != torch.float32:
-            plan.allocations.append(Allocation(HOST, "fp32 scratch for one tensor of the sum", ref.largest * 4))
+    # checkpoints reach the engine through the file on either path (the static baselines, the promotion
+    # gate's champion: evaluate_checkpoint), so the in-engine path has it too, from the first of them on
+    which = " (checkpoints only: baselines, the gate's champion)" if in_engine else ""
+    plan.allocations.append(Allocation(HOST, f"shared weight file in /dev/shm ({label}) the engine reloads from{which}",
+                                       weights))
+    if not in_engine and dtype != torch.float32:
+        plan.allocations.append(Allocation(HOST, "fp32 scratch for one tensor of the sum", ref.largest * 4))
     if weights >= budget:
         plan.limits.append(f"vLLM engine weights ({label}, {gib(weights)}) exceed generation.vllm.memory_fraction "
                            f"x GPU ({v.memory_fraction} x {gib(gpu_memory)} = {gib(budget)}) by "
