@@ -185,7 +185,7 @@ class RunConfig(StrictModel):
             raise ConfigError(f"{source}: basis.storage: {cfg.basis.storage!r} does not combine with "
                               "generation.backend 'vllm' (the vLLM engine owns the GPU); use ram, compact or mmap")
         if isinstance(cfg.generation, VLLMSettings) and cfg.generation.vllm.weight_update == "in_engine" \
-                and cfg.basis.storage in ("ram_dense", "compact"):
+                and not cfg.basis.sums_like_masks:
             # the engine holds the mask layout, whose bits these layouts do not reproduce
             raise ConfigError(f"{source}: generation.vllm.weight_update: in_engine needs basis.storage ram or mmap "
                               f"(the engine's process sums with the mask layout), not {cfg.basis.storage!r}")

@@ -455,6 +455,18 @@ def test_processes_together_are_held_to_the_memory_limit(use_bwrap):
     assert one.value == 1.0, one.meta
 
 
+def test_a_kernel_that_lists_no_child_processes_is_named_in_a_warning(monkeypatch, caplog):
+    """The run-wide memory watch walks /proc/PID/task/TID/children: where the kernel has none,
+    memory_mb bounds each process alone, and the probe says so rather than nothing."""
+    from psomerge.judges import sandbox
+
+    assert sandbox.watches_process_trees()  # here it has them: the test above holds runs to the limit
+    monkeypatch.setattr(sandbox, "watches_process_trees", lambda: False)
+    with caplog.at_level("WARNING", logger="psomerge.judges.sandbox"):
+        CodeExec(timeout=10, memory_mb=509)  # limits of their own: probed afresh
+    assert "does not list child processes" in caplog.text and "memory_mb (509 MB) bounds each process" in caplog.text
+
+
 @SANDBOXES
 def test_a_flood_on_stderr_is_cut_and_the_timeout_holds(use_bwrap):
     from psomerge.judges.sandbox import STDERR_KEPT
@@ -471,6 +483,16 @@ def test_an_answer_that_is_no_text_fails_to_compile(scorer, problems):
     [s] = scorer.score([as_example(problems[0])], ["    return '\ud800'\n"])  # a lone surrogate (JSON allows it)
     assert s.value == 0.0 and s.meta["status"] == "failed" and "SyntaxError" in s.meta["stderr"]
 
+
+def test_every_limit_that_decides_a_pass_is_in_the_cache_key(scorer):
+    """Scores cached under one limit are never read for another; the defaults keep the keys of
+    scores cached before the file-size and process limits were part of them."""
+    default = scorer.config()
+    assert "max_file_mb" not in default and "max_processes" not in default
+    for key, value in (("memory_mb", 256), ("disk_mb", 8), ("max_file_mb", 2), ("max_processes", 8)):
+        other = CodeExec(timeout=10, workers=2, **{key: value}).config()
+        assert other != default and other[key] == value, key
+    assert CodeExec(timeout=10, workers=2, max_file_mb=16, max_processes=64).config() == default
 
 # Holds the sandbox's whole process limit for a few seconds, as a fork bomb does.
 HOLD_PROCESSES = """

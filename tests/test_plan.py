@@ -93,9 +93,13 @@ def test_the_7b_config_fits_an_80gib_gpu(llama7b):
     assert by_what(plan, "vLLM engine weights").where == GPU and by_what(plan, "vLLM engine weights").nbytes == 2 * numel
     assert by_what(plan, "vLLM KV cache").nbytes == int(0.85 * 80 * GiB) - 2 * numel
     scratch = by_what(plan, "sum temporaries")
-    assert scratch.where == GPU and scratch.nbytes == 4 * 32000 * 4096 + 5 * 2**24 * 4 + 3 * 2**24
+    assert scratch.where == GPU and scratch.nbytes == 4 * 32000 * 4096 + 6 * 2**24 * 4 + 2**24
     assert plan.used(GPU) == int(0.85 * 80 * GiB) + scratch.nbytes
-    assert not [a for a in plan.allocations if "shared weight file" in a.what]
+    # particles never go through the shared file, checkpoints (baselines, the gate's champion) still do
+    assert by_what(plan, "shared weight file") == Allocation(
+        HOST, "shared weight file in /dev/shm (bfloat16) the engine reloads from (checkpoints only: baselines, the "
+              "gate's champion)", 2 * numel)
+    assert not [a for a in plan.allocations if "fp32 scratch" in a.what]
     assert plan.members_on.startswith("pinned host memory of the vLLM engine's process")
     assert any("memory_fraction <= 0.33 (now 0.85) would leave the members (52.56 GiB) room" in n for n in plan.notes)
     assert plan.problems() == []
@@ -104,7 +108,7 @@ def test_the_7b_config_fits_an_80gib_gpu(llama7b):
         **llama7b[1]["generation"]["vllm"], "memory_fraction": 0.33}})
     on_gpu = plan_of(roomy)
     assert by_what(on_gpu, "basis members").where == GPU and on_gpu.members_on.startswith("GPU, in the vLLM engine")
-    assert on_gpu.problems() == [] and on_gpu.used(HOST) == 0
+    assert on_gpu.problems() == [] and on_gpu.used(HOST) == 2 * numel  # the shared file alone
 
 
 def test_the_7b_config_through_the_shared_file(llama7b):
@@ -197,3 +201,48 @@ def test_psomerge_plan_command(tmp_path, llama7b):
     refused = subprocess.run([*command, str(tight)], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
     assert "does not fit" in refused.stderr and "by 4.55 GiB" in " ".join(refused.stderr.split())
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The peak of the bytes held by tensors that ops create while it is on (inputs excluded)."""
+
+    def __init__(self, inputs):
+        super().__init__()
+        self.inputs = {t.untyped_storage().data_ptr() for t in inputs}
+        self.held, self.live, self.peak = set(), 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (list, tuple)) else [out]:
+            key = t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
+            if key is None or key in self.inputs or key in self.held:
+                continue  # a view of an input or of a tensor already counted
+            self.held.add(key)
+            self.live += t.untyped_storage().nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._freed, key, t.untyped_storage().nbytes())
+        return out
+
+    def _freed(self, key, nbytes):
+        self.held.discard(key)
+        self.live -= nbytes
+
+
+def test_the_planned_sum_temporaries_are_what_the_torch_sum_holds():
+    """sum_scratch_bytes against the chunked torch sum (the GPU's, and the vLLM engine's) as it
+    runs: bf16 members, so every member's chunk is an fp32 copy, as on a GPU."""
+    from psomerge.swarm.masks import pack_bits
+    from psomerge.swarm.materialise import masked_sum_into
+    from psomerge.swarm.plan import ModelSize, sum_scratch_bytes
+
+    n, g = 1 << 16, torch.Generator().manual_seed(0)
+    dense = [torch.randn(n, generator=g).bfloat16() for _ in range(4)]
+    bits = [pack_bits(torch.rand(n, generator=g) < 0.2) for _ in range(3)]
+    out = torch.empty(n)
+    with _LiveBytes([*dense, *bits, out]) as live:
+        masked_sum_into(out, dense, bits, [0.4, 0.2, 0.3, 0.1], [0.5, -0.2, 0.0], compiled=False)
+    ref = ModelSize("m", 2 * n, n, n // 8, n, torch.bfloat16)
+    planned = sum_scratch_bytes(ref, len(dense))
+    assert planned <= live.peak <= planned + 8  # and unpack_bits' eight shift amounts

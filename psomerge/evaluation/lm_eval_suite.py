@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 
 from psomerge.errors import ConfigError
 from psomerge.evaluation.chat import ChatTemplate
-from psomerge.evaluation.splits import split_order, split_positions
+from psomerge.evaluation.splits import optimisation_positions
 from psomerge.hashing import digest
 from psomerge.judges.protocol import Example, Scorer
 from psomerge.yamlconfig import StrictModel
@@ -74,9 +74,10 @@ def load_lm_eval_task(suite: str, s: LMEvalSettings, *, chat: ChatTemplate | Non
     num_fewshot = task.get_config("num_fewshot") or 0
     task.set_fewshot_seed(seed=s.fewshot_seed)
     docs = [dict(doc) for doc in task.eval_docs]
-    order = split_order(suite, len(docs), optimisation_size, validation_size, heldout_size, split_seed)
+    optimisation = optimisation_positions(suite, len(docs), optimisation_size=optimisation_size,
+                                          validation_size=validation_size, heldout_size=heldout_size,
+                                          split_seed=split_seed)
     shots_from_optimisation = num_fewshot > 0 and _fewshot_overlaps(task, docs)
-    optimisation = split_positions(order, "optimisation", optimisation_size, validation_size, heldout_size)
     if shots_from_optimisation and num_fewshot > len(optimisation) - 1:
         raise ConfigError(f"{where}: num_fewshot {num_fewshot} draws shots from the optimisation split (the task's "
                           f"few-shot source holds its evaluation documents), which has {len(optimisation)} documents: "

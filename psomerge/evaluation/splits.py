@@ -38,3 +38,11 @@ def split_positions(order: list[int], which: Split, optimisation_size: int, vali
     if which == "heldout":
         return order[k + v: k + v + heldout_size] if heldout_size else order[k + v:]
     raise ValueError(f"unknown split {which!r}")
+
+
+def optimisation_positions(suite: str, n: int, *, optimisation_size: int, validation_size: int,
+                           heldout_size: int | None, split_seed: int) -> list[int]:
+    """The positions of the optimisation split of ``n`` examples (where shots come from),
+    before the suite exists; the sizes are checked to fit."""
+    order = split_order(suite, n, optimisation_size, validation_size, heldout_size, split_seed)
+    return split_positions(order, "optimisation", optimisation_size, validation_size, heldout_size)

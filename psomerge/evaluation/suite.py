@@ -24,7 +24,7 @@ from pydantic_core import to_jsonable_python
 from psomerge.errors import ConfigError
 from psomerge.evaluation.chat import ChatSettings, ChatTemplate, chat_messages, draw_shots
 from psomerge.evaluation.lm_eval_suite import LMEvalSettings
-from psomerge.evaluation.splits import Split, split_order, split_positions
+from psomerge.evaluation.splits import Split, optimisation_positions, split_order, split_positions
 from psomerge.hashing import digest
 from psomerge.judges.factory import JudgeSettings, make_scorer
 from psomerge.judges.exact_match import ExactMatchSettings
@@ -86,9 +86,9 @@ class SuiteSettings(StrictModel):
                 raise ValueError(f"suite {name!r} is an lm_eval suite: {key!r} does not apply (its task gives "
                                  "documents, prompts and metric); remove it")
         chat = data.get("chat")
+        chat = chat.model_dump() if isinstance(chat, ChatSettings) else chat
         for key in ("shots", "shot_answer_template"):
-            if isinstance(chat, (dict, ChatSettings)) and _chosen(
-                    chat if isinstance(chat, dict) else chat.model_dump(), key, ChatSettings.model_fields[key].default):
+            if isinstance(chat, dict) and _chosen(chat, key, ChatSettings.model_fields[key].default):
                 raise ValueError(f"suite {name!r} is an lm_eval suite: 'chat.{key}' does not apply (its task's "
                                  "few-shot examples are set by lm_eval.num_fewshot); remove it")
         return data
@@ -228,10 +228,7 @@ def _chat_prompts(suite: str, examples: Sequence[Example], chat: ChatSettings, t
                   splits: dict[str, Any]) -> list[str]:
     """Each example's prompt as a chat: the system prompt, ``chat.shots`` examples of the
     optimisation split as user/assistant turns, then the example's own prompt."""
-    order = split_order(suite, len(examples), splits["optimisation_size"], splits["validation_size"],
-                        splits["heldout_size"], splits["split_seed"])
-    pool = split_positions(order, "optimisation", splits["optimisation_size"], splits["validation_size"],
-                           splits["heldout_size"])
+    pool = optimisation_positions(suite, len(examples), **splits)
     if chat.shots > len(pool) - 1:
         raise ConfigError(f"eval suite {suite!r}: key 'chat.shots': {chat.shots} shots need {chat.shots + 1} "
                           f"examples in the optimisation split, which has {len(pool)} (optimisation_size)")

@@ -251,20 +251,21 @@ def _record_landings(model: torch.nn.Module, ckpt, names: list[str]) -> tuple[di
     return landings, skipped
 
 
-def hold_basis(spec: dict, parent_storage: str, device: str):
-    """The basis ``spec`` describes, held for summing into this engine: on a CUDA engine on the
-    GPU where members, masks and the sum's temporaries fit in what the engine left free, else
-    in pinned host memory (summed on the GPU chunk by chunk); on a CPU engine in host memory,
-    or read from the files per particle where the run chose ``mmap``."""
+def hold_basis(spec: dict, parent_storage: str, device: str, dtype: torch.dtype):
+    """The basis ``spec`` describes, held for summing into this engine (whose weights are in
+    ``dtype``): on a CUDA engine on the GPU where members, masks and the sum's temporaries fit
+    in what the engine left free, else in pinned host memory (summed on the GPU chunk by chunk);
+    on a CPU engine in host memory, or read from the files per particle where the run chose
+    ``mmap``. The bytes are those ``plan_memory`` plans with (``engine_basis_bytes``)."""
     from psomerge.swarm.basis import Basis
-    from psomerge.swarm.plan import ModelSize, gib, sum_scratch_bytes
+    from psomerge.swarm.plan import ModelSize, engine_basis_bytes, gib
 
     opened = Basis.from_spec(spec, "mmap")  # nothing read yet
-    sizes = [ModelSize.of(c) for c in opened.checkpoints]
-    held = sum(s.stored_bytes for s in sizes) + len(opened.masks) * sizes[0].mask_bytes
     if device == "cuda":
+        members, masks, scratch = engine_basis_bytes([ModelSize.of(c) for c in opened.checkpoints],
+                                                     len(opened.masks), dtype)
+        held, needed = members + masks, members + masks + scratch
         free, _ = torch.cuda.mem_get_info()
-        needed = held + sizes[0].largest * 4 + sum_scratch_bytes(sizes[0], len(sizes))
         storage = "cuda" if needed <= free else "pinned"
         log.info("basis of %s: %s on the GPU with %s free: %s", gib(held), gib(needed), gib(free), storage)
     else:

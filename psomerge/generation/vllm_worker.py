@@ -163,7 +163,7 @@ class InEngine:
         if self.weights is None or not self.weights.possible:
             raise RuntimeError(f"particles cannot be written into this engine: {self.report['reason']}")
         self.basis = None  # a previous basis goes first
-        self.basis = hold_basis(spec, storage, self.device)
+        self.basis = hold_basis(spec, storage, self.device, self.llm.llm_engine.model_config.dtype)
         return {"storage": self.basis.storage, "nbytes": self.basis.nbytes()}
 
     def write(self, coefficients: list) -> None:

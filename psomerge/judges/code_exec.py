@@ -58,9 +58,14 @@ class CodeExec(ScorerBase):
 
     def config(self) -> dict[str, Any]:
         s = self.settings
-        return {"type": self.name, "program_template": s.program_template, "timeout": s.timeout,
-                "memory_mb": s.memory_mb, "disk_mb": s.disk_mb, "pass": "tests returned",
-                "sandbox": SANDBOX_VERSION}
+        config = {"type": self.name, "program_template": s.program_template, "timeout": s.timeout,
+                  "memory_mb": s.memory_mb, "disk_mb": s.disk_mb, "pass": "tests returned", "sandbox": SANDBOX_VERSION}
+        # the file-size and process limits decide passes too (a program writing past one fails); only where
+        # they are not the default, so the keys of scores cached with the defaults stay as they were
+        for key in ("max_file_mb", "max_processes"):
+            if getattr(s, key) != CodeExecSettings.model_fields[key].default:
+                config[key] = getattr(s, key)
+        return config
 
     def program(self, example: Example, answer: str) -> str:
         fields = {"prompt": example.prompt, **example.fields, "answer": answer}

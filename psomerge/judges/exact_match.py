@@ -58,10 +58,13 @@ def extract_match(pattern: re.Pattern[str], text: str, which: Literal["first", "
     """The answer a regex finds in free text: of the first (or last) match, its first non-empty
     group, or the whole match where the pattern has no groups (as lm-eval's ``regex`` filter
     picks); '' when nothing matches."""
-    found = list(pattern.finditer(text)) if which == "last" else [m for m in [pattern.search(text)] if m]
-    if not found:
+    if which == "first":
+        m = pattern.search(text)
+    else:
+        found = list(pattern.finditer(text))
+        m = found[-1] if found else None
+    if m is None:
         return ""
-    m = found[-1]
     return next((g for g in m.groups() if g), "") if pattern.groups else m.group()
 
 

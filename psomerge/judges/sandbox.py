@@ -279,6 +279,13 @@ def _resident(root: int) -> int:
     return total
 
 
+def watches_process_trees() -> bool:
+    """Whether this kernel lists each process's children (``/proc/PID/task/TID/children``,
+    CONFIG_PROC_CHILDREN), which ``_resident`` walks: without it no run's processes are found,
+    and ``memory_bytes`` bounds each process alone."""
+    return os.path.exists(f"/proc/self/task/{threading.get_native_id()}/children")
+
+
 def _children(pid: int) -> list[int]:
     found = []
     try:
@@ -316,6 +323,10 @@ def _probed(use_bwrap: bool, bwrap: str | None, limits: Limits) -> Sandbox:
             if not seccomp_filter():
                 log.warning("code sandbox: no seccomp syscall table for %s: a program's child processes could "
                             "ptrace the harness and read its pass marker", platform.machine())
+            if not watches_process_trees():
+                log.warning("code sandbox: this kernel does not list child processes (no /proc/PID/task/TID/"
+                            "children, CONFIG_PROC_CHILDREN): memory_mb (%d MB) bounds each process of a run, "
+                            "not its processes together", limits.memory_bytes >> 20)
             return sandbox
         failures.append(f"{sandbox.describe()} does not work here: {reason}")
     if use_bwrap and not bwrap:

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 Granularity = Literal["model", "layer", "tensor"]
 Storage = Literal["ram", "cuda", "pinned", "mmap", "ram_dense", "compact"]
+# the mask layout's storages: base, experts and extras dense, DARE members as packed keep-bits,
+# summed by one kernel whose bits every one of them (and a vLLM engine's process) reproduces
+MASK_STORAGES = ("ram", "cuda", "pinned", "mmap")
 _LAYER = re.compile(r"\.layers?\.(\d+)\.|\.h\.(\d+)\.|\.blocks?\.(\d+)\.")
 
 
@@ -53,6 +56,12 @@ class BasisSettings(StrictModel):
     # experts whose tokenizers differ from the base's: one vocabulary for the basis, the
     # merged model and its tokenizer (mergekit's tokenizer_source); None: a mismatch is an error
     tokenizer_source: TokenizerSource | None = None
+
+    @property
+    def sums_like_masks(self) -> bool:
+        """Whether ``storage`` is a mask layout (``MASK_STORAGES``), whose sum a vLLM engine's
+        process reproduces bit for bit (``Basis.sums_like_masks``)."""
+        return self.storage in MASK_STORAGES
 
     @property
     def resident_device(self) -> str:
@@ -183,7 +192,7 @@ class Basis:
             self._layout: _Layout = _DenseLayout(self)
         elif storage == "compact":
             self._layout = _CompactLayout(self)
-        elif storage in ("ram", "cuda", "pinned", "mmap"):
+        elif storage in MASK_STORAGES:
             self._layout = _MaskedLayout(self, storage)
         else:
             raise ConfigError(f"basis.storage {storage!r} is not one of ram, cuda, pinned, mmap, ram_dense, compact")

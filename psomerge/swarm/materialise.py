@@ -29,13 +29,18 @@ def writable_tensors(target: torch.nn.Module | Mapping[str, torch.Tensor]) -> Ma
     return target
 
 
+def _numba():
+    """numba, or None where it is not installed (the torch sums run then)."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    return numba
+
+
 def compiled_kernels() -> bool:
     """Whether the compiled kernels can run here (numba importable); the torch sums run otherwise."""
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _numba() is not None
 
 
 def fused_sum_into(out: torch.Tensor, stacked: torch.Tensor, alpha: Sequence[float]) -> bool:
@@ -58,9 +63,8 @@ def _fused_kernel(k: int):
     """A numba kernel summing exactly k rows, generated once per k: one-dimensional rows with
     the sum written out term by term vectorise, where a 2-D indexed loop does not."""
     if k not in _KERNELS:
-        try:
-            import numba
-        except ImportError:
+        numba = _numba()
+        if numba is None:
             _KERNELS[k] = None
             return None
         args = ", ".join(f"b{j}" for j in range(k))
@@ -167,9 +171,8 @@ def _masked_kernel(codes: str, n_masks: int):
     wraparound, which would also stop vectorisation. The last ``n % 64`` entries are a tail."""
     key = (codes, n_masks)
     if key not in _MASKED_KERNELS:
-        try:
-            import numba
-        except ImportError:
+        numba = _numba()
+        if numba is None:
             _MASKED_KERNELS[key] = None
             return None
         dense = [f"d{j}" for j in range(len(codes))]

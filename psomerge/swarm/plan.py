@@ -157,7 +157,7 @@ def plans_in_engine(generation: VLLMSettings, basis: BasisSettings) -> bool:
     """Whether a vLLM run is planned with the basis in the engine's process: ``in_engine``, and
     ``auto`` (a CUDA engine computes unquantized layers with its weights as loaded), with a
     basis layout the engine's sum reproduces."""
-    return generation.vllm.weight_update != "shared_file" and basis.storage not in ("ram_dense", "compact")
+    return generation.vllm.weight_update != "shared_file" and basis.sums_like_masks
 
 
 def _members_label(dense: list[ModelSize], n: int) -> tuple[str, str]:
@@ -172,7 +172,7 @@ def _place_members(plan: MemoryPlan, basis: BasisSettings, dense: list[ModelSize
     what, names = _members_label(dense, n)
     stored = sum(d.stored_bytes for d in dense)
     masks = n * ref.mask_bytes
-    if storage in ("ram", "cuda", "pinned", "mmap"):
+    if basis.sums_like_masks:
         where = {"ram": HOST, "cuda": GPU, "pinned": HOST, "mmap": PAGE_CACHE}[storage]
         plan.allocations += [Allocation(where, f"{what} (dense, {names})", stored),
                              Allocation(where, f"DARE masks: {n} x 1 bit per parameter", masks)]
@@ -194,10 +194,22 @@ def _place_members(plan: MemoryPlan, basis: BasisSettings, dense: list[ModelSize
 
 
 def sum_scratch_bytes(ref: ModelSize, dense_members: int) -> int:
-    """GPU temporaries of the chunked (torch) sum: each member's chunk in fp32, one term
-    chunk, and the unpacked mask bytes."""
+    """GPU temporaries of the chunked (torch) sum at their peak: each member's chunk in fp32,
+    the term chunk and the masked coefficients' chunk (fp32), and one unpacked mask (a byte per
+    entry; unpacking it takes three, before the coefficients' chunk exists)."""
     staged = min(ref.largest, CHUNK_ENTRIES)
-    return (dense_members + 1) * staged * 4 + 3 * staged
+    return (dense_members + 2) * staged * 4 + staged
+
+
+def engine_basis_bytes(dense: Sequence[ModelSize], n_masks: int, engine_dtype: torch.dtype) -> tuple[int, int, int]:
+    """(members, masks, sum temporaries): the bytes a vLLM engine's process needs to hold a
+    basis and sum particles into its weights on the GPU (the in-engine path), as
+    ``vllm_inplace.hold_basis`` places it and ``plan_memory`` plans it. The temporaries are the
+    chunked sum's, and one tensor's fp32 sum where the engine's weights are in another dtype."""
+    ref = dense[0]
+    fp32_tensor = ref.largest * 4 if engine_dtype != torch.float32 else 0  # Basis.materialise's scratch
+    return (sum(d.stored_bytes for d in dense), n_masks * ref.mask_bytes,
+            fp32_tensor + sum_scratch_bytes(ref, len(dense)))
 
 
 def _place_members_in_engine(plan: MemoryPlan, generation: VLLMSettings, dense: list[ModelSize], n: int,
@@ -206,8 +218,7 @@ def _place_members_in_engine(plan: MemoryPlan, generation: VLLMSettings, dense: 
     where members, masks and the sum's temporaries fit beside the engine, else pinned host
     memory, summed on the GPU chunk by chunk."""
     what, names = _members_label(dense, n)
-    stored, masks = sum(d.stored_bytes for d in dense), n * ref.mask_bytes
-    scratch = (ref.largest * 4 if dtype != torch.float32 else 0) + sum_scratch_bytes(ref, len(dense))
+    stored, masks, scratch = engine_basis_bytes(dense, n, dtype)
     needed, free = stored + masks + scratch, gpu_memory - plan.used(GPU)
     where = GPU if needed <= free else HOST
     plan.allocations += [
@@ -234,8 +245,8 @@ def _place_members_in_engine(plan: MemoryPlan, generation: VLLMSettings, dense: 
 
 def _place_engine(plan: MemoryPlan, generation: VLLMSettings, basis: BasisSettings, ref: ModelSize,
                   gpu_memory: int, in_engine: bool) -> torch.dtype:
-    """The engine's weights and KV cache; for the shared-file path also the file and the host
-    scratch. Returns the engine's dtype."""
+    """The engine's weights and KV cache, and the shared file in /dev/shm; for the shared-file
+    path also the host scratch of the sum. Returns the engine's dtype."""
     v = generation.vllm
     if v.dtype == "auto":  # vLLM keeps 16-bit checkpoints as they are and runs fp32 ones in 16 bits
         dtype = ref.dtype if itemsize(ref.dtype) <= 2 else torch.bfloat16
@@ -247,11 +258,13 @@ def _place_engine(plan: MemoryPlan, generation: VLLMSettings, basis: BasisSettin
     plan.allocations += [Allocation(GPU, f"vLLM engine weights ({label})", weights),
                          Allocation(GPU, f"vLLM KV cache and activations (rest of memory_fraction {v.memory_fraction})",
                                     max(0, budget - weights))]
-    if not in_engine:
-        plan.allocations.append(Allocation(HOST, f"shared weight file in /dev/shm ({label}) the engine reloads from",
-                                           weights))
-        if dtype != torch.float32:
-            plan.allocations.append(Allocation(HOST, "fp32 scratch for one tensor of the sum", ref.largest * 4))
+    # checkpoints reach the engine through the file on either path (the static baselines, the promotion
+    # gate's champion: evaluate_checkpoint), so the in-engine path has it too, from the first of them on
+    which = " (checkpoints only: baselines, the gate's champion)" if in_engine else ""
+    plan.allocations.append(Allocation(HOST, f"shared weight file in /dev/shm ({label}) the engine reloads from{which}",
+                                       weights))
+    if not in_engine and dtype != torch.float32:
+        plan.allocations.append(Allocation(HOST, "fp32 scratch for one tensor of the sum", ref.largest * 4))
     if weights >= budget:
         plan.limits.append(f"vLLM engine weights ({label}, {gib(weights)}) exceed generation.vllm.memory_fraction "
                            f"x GPU ({v.memory_fraction} x {gib(gpu_memory)} = {gib(budget)}) by "
