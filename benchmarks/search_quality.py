@@ -39,7 +39,8 @@ from psomerge.evaluation.statistics import bootstrap, paired_bootstrap  # noqa: 
 from psomerge.paths import data_dir  # noqa: E402
 from psomerge.pipeline import InProcessScoring, RunContext, run_pipeline  # noqa: E402
 from psomerge.swarm import member_coefficients  # noqa: E402
-from psomerge.swarm.selection import choose, distinct_best  # noqa: E402
+from psomerge.swarm.selection import choose, selection_candidates  # noqa: E402
+from psomerge.swarm.warm_start import linear_starts  # noqa: E402
 
 METHODS = ("paper", "psomerge", "model_swarms", "cmaes", "random", "ta_grid")
 
@@ -95,8 +96,8 @@ def method_config(base: dict, method: str, budget: int, seed: int) -> dict:
         optimizer = {"model_swarms": {"type": "model_swarms", "steps": k_steps, "early_stop": 10**6},
                      "cmaes": {"type": "cmaes", "budget": budget}, "random": {"type": "random", "budget": budget},
                      "ta_grid": {"type": "ta_grid", "budget": budget}}[method]
-        cfg.update(preset="paper" if method == "model_swarms" else "psomerge",
-                   optimizer={**optimizer, "seed": seed}, warm_start=None, racing=None, selection=None)
+        cfg.update(preset="psomerge", optimizer={**optimizer, "seed": seed}, warm_start=None, racing=None,
+                   selection=None)
         for s in cfg["suites"]:
             s.pop("fitness", None)
     return cfg
@@ -206,22 +207,16 @@ def _run_until(cfg, recorder: Recorder, budget: int) -> None:
 
 def _choose(cfg, ctx: RunContext, within: list[Evaluation]) -> np.ndarray:
     """What the method returns at this budget: its best particle by search fitness, or, with
-    model selection, the best on the validation split among its best and its best warm start."""
+    model selection, the best on the validation split among the candidates a run would have."""
     complete = [(e.position, e.fitness) for e in within if not e.raced]
     if cfg.selection is None or not ctx.has_validation:
         return max(complete, key=lambda e: e[1])[0]
-    picked = [complete[i] for i in distinct_best(complete, cfg.selection.candidates)]
-    if cfg.warm_start is not None and cfg.selection.include_start:
-        from psomerge.swarm.warm_start import linear_starts
-
-        info = ctx.info()
-        starts = linear_starts(cfg.warm_start, info.k, info.groups, info.n_experts)
-        starts += [member_coefficients(info.k, info.groups, j) for j in range(1 + 2 * info.n_experts, info.k)]
-        at_starts = [e for e in complete if any(np.allclose(e[0], s) for s in starts)]
-        if at_starts:
-            picked.append(max(at_starts, key=lambda e: e[1]))
-    validation = [ctx.evaluator.evaluate(x, "validation").fitness for x, _ in picked]
-    return picked[choose([f for _, f in picked], validation)][0]
+    info = ctx.info()
+    starts = linear_starts(cfg.warm_start, info.k, info.groups, info.n_experts) if cfg.warm_start else []
+    starts += [member_coefficients(info.k, info.groups, j) for j in range(1 + 2 * info.n_experts, info.k)]
+    picked = selection_candidates(complete, starts, cfg.selection)
+    validation = [ctx.evaluator.evaluate(x, "validation").fitness for x, _, _ in picked]
+    return picked[choose([f for _, f, _ in picked], validation)][0]
 
 
 def _reference_rows(results: dict, ctx: RunContext, base: dict) -> None:

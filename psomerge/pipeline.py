@@ -36,7 +36,7 @@ from psomerge.swarm.fitness import ParticleEvaluator, Race
 from psomerge.swarm.run import (
     RunLock, StepReport, check_optimizer, check_provenance, load_checkpoint, run_optimizer,
 )
-from psomerge.swarm.selection import choose, distinct_best
+from psomerge.swarm.selection import choose, selection_candidates
 from psomerge.swarm.warm_start import linear_starts
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class Candidate:
     position: np.ndarray
     search_fitness: float
     validation_fitness: float
-    origin: str  # "search" or "warm start"
+    origin: str  # "search", "soup" or "warm start"
 
 
 @dataclass
@@ -154,7 +154,7 @@ class RunResult:
     config: RunConfig
     basis: BasisInfo
     best_position: np.ndarray
-    best_fitness: float  # its fitness on the optimisation split
+    best_fitness: float  # its fitness on the optimisation split (a soup: the lowest of its ingredients')
     best_scores: dict[str, float]
     history: list[dict]
     counts: Counts
@@ -508,16 +508,9 @@ def _member_starts(info: BasisInfo) -> list[np.ndarray]:
 
 def _select(result: RunResult, scoring: Scoring, evaluated: list[tuple[np.ndarray, float]],
             starts: list[np.ndarray], counts: Counts) -> None:
-    """Model selection on the validation split: the search's best distinct particles, and the
-    best warm start, compete; the winner becomes the merged model."""
-    settings = result.config.selection
-    picked = [evaluated[i] + ("search",) for i in distinct_best(evaluated, settings.candidates)]
-    if settings.include_start:
-        at_starts = [(x, f) for x, f in evaluated if any(np.allclose(x, s) for s in starts)]
-        if at_starts:
-            x, f = max(at_starts, key=lambda e: e[1])
-            if not any(np.allclose(x, p[0]) for p in picked):
-                picked.append((x, f, "warm start"))
+    """Model selection on the validation split: the search's best distinct particles, their
+    soup and the best warm start compete; the winner becomes the merged model."""
+    picked = selection_candidates(evaluated, starts, result.config.selection)
     validations = scoring.validate([p[0] for p in picked])
     for validation, usage in validations:
         counts.add(usage)

