@@ -52,7 +52,7 @@ def main() -> None:
     signals: dict[str, list[float]] = {}
     for name, terms in SIGNALS.items():
         data = json.loads(json.dumps(base))
-        data.update(name=f"signal-{name}", preset="paper", warm_start=None, racing=None, selection=None)
+        data.update(name=f"signal-{name}", preset="psomerge", warm_start=None, racing=None, selection=None)
         for s in data["suites"]:
             s["fitness"] = terms
         ctx = RunContext(RunConfig.from_dict(data, source=f"<signal {name}>"))

@@ -8,8 +8,9 @@ points coarse to fine). An evaluation is a distinct particle this run asked for,
 shared cache had it or not, so seeds and methods are charged alike. Methods:
 
   paper         PSO-Merging as published (2N+1 one-hot particles, w=0.2, c1=c2=2, the judge)
-  psomerge      psomerge's default search (preset psomerge: warm starts, racing, model
-                selection on the validation split)
+  psomerge      psomerge's default search (preset psomerge: CMA-ES from warm starts at the
+                static merges, model selection on the validation split)
+  psomerge_pso  the same with PSO as its optimiser, and racing; psomerge_pso_no_racing without racing
   model_swarms  Model Swarms, cmaes  CMA-ES, random  random search, ta_grid  task-arithmetic
                 scale grid (these four with the same fitness as paper, no warm start)
 
@@ -42,7 +43,8 @@ from psomerge.swarm import member_coefficients  # noqa: E402
 from psomerge.swarm.selection import choose, selection_candidates  # noqa: E402
 from psomerge.swarm.warm_start import linear_starts  # noqa: E402
 
-METHODS = ("paper", "psomerge", "model_swarms", "cmaes", "random", "ta_grid")
+METHODS = ("paper", "psomerge", "psomerge_pso", "psomerge_pso_no_racing", "model_swarms", "cmaes", "random",
+           "ta_grid")
 
 
 @dataclass
@@ -89,9 +91,11 @@ def method_config(base: dict, method: str, budget: int, seed: int) -> dict:
                    warm_start=None, racing=None, selection=None)
         for s in cfg["suites"]:
             s.pop("fitness", None)
-    elif method == "psomerge":
-        cfg.setdefault("optimizer", {})
-        cfg["optimizer"] = {**cfg["optimizer"], "steps": k_steps, "seed": seed}
+    elif method == "psomerge":  # the preset's default optimiser (CMA-ES) from the warm starts, with selection
+        cfg["optimizer"] = {"type": "cmaes", "budget": budget, "seed": seed}
+    elif method in ("psomerge_pso", "psomerge_pso_no_racing"):  # PSO from the warm starts; the racing ablation
+        cfg["optimizer"] = {"type": "pso", "steps": k_steps, "seed": seed}
+        cfg["racing"] = {} if method == "psomerge_pso" else None
     else:
         optimizer = {"model_swarms": {"type": "model_swarms", "steps": k_steps, "early_stop": 10**6},
                      "cmaes": {"type": "cmaes", "budget": budget}, "random": {"type": "random", "budget": budget},
@@ -142,8 +146,10 @@ def main() -> None:
                 within = recorder.log[:b]
                 chosen = _choose(cfg, ctx, within)
                 held = ctx.evaluator.evaluate(chosen, "heldout")
+                validation = ctx.evaluator.evaluate(chosen, "validation").fitness if ctx.has_validation else None
                 entry = results["methods"].setdefault(method, {}).setdefault(str(b), [])
-                entry.append({"seed": seed, "heldout": held.fitness, "scores": held.scores, "scored": held.scored,
+                entry.append({"seed": seed, "heldout": held.fitness, "validation": validation, "scores": held.scores,
+                              "scored": held.scored,
                               "evaluations": len(within), "examples": sum(e.examples for e in within),
                               "search_fitness": max((e.fitness for e in within if not e.raced), default=None),
                               "coefficients": chosen.tolist(), "seconds": seconds})
@@ -254,7 +260,9 @@ def print_table(results: dict, ctx: RunContext) -> None:
             print(f"{method:22s} {b:>6s} " + " ".join(f"{np.mean(avg[s]):10.3f}" for s in suites)
                   + f" {statistics.mean(values):7.3f} {sd:6.3f} [{ci.low:.3f}, {ci.high:.3f}]"
                   + f" {statistics.mean(r['evaluations'] for r in runs):6.0f}"
-                  + f" {statistics.mean(r['examples'] for r in runs):9.0f}")
+                  + f" {statistics.mean(r['examples'] for r in runs):9.0f}"
+                  + (f"  validation {statistics.mean(r['validation'] for r in runs):.3f}"
+                     if all(r.get("validation") is not None for r in runs) else ""))
             for rival in (best_static, best_expert):
                 if rival is None:
                     continue

@@ -207,12 +207,12 @@ def demo(
 
         # PSO-Merging as published: 2N+1 particles for steps + 1 rounds; psomerge's search spends no more
         budget = (1 + 2 * len(assets.experts)) * (steps + 1)
-        searches = {"psomerge": dict(name=f"{run_prefix}-pso", steps=1000, budget=budget),
-                    "paper": dict(name=f"{run_prefix}-paper", steps=steps, baselines=[],
+        searches = {"psomerge": dict(optimizer=None, name=f"{run_prefix}-psomerge", steps=steps, budget=budget),
+                    "paper": dict(optimizer="pso", name=f"{run_prefix}-paper", steps=steps, baselines=[],
                                   preset="paper")}  # baselines once, in the first run
         results = {}
         for what, settings in searches.items():
-            cfg = make_config("pso", **settings)
+            cfg = make_config(**settings)
             path = root / "runs" / f"{cfg.name}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -261,7 +261,7 @@ def swarm(
             from psomerge.presets.tiny import build_tiny, tiny_run_config
 
             _with_options(check_optimizer_overrides, options, overrides)  # before building the demo models
-            cfg = tiny_run_config(build_tiny(data_dir()), optimizer or "pso", 5 if steps is None else steps)
+            cfg = tiny_run_config(build_tiny(data_dir()), optimizer, 5 if steps is None else steps)
         else:
             cfg = _with_options(partial(RunConfig.load, config), options, overrides)
         steps_table = Table(title=f"{cfg.name}: {cfg.optimizer.type} ({cfg.basis.granularity} granularity)",

@@ -257,6 +257,30 @@ def test_warm_start_particles_materialise_to_the_static_merges(tmp_path, family)
             assert torch.allclose(written[tensor], value, atol=1e-6), (name, tensor)
 
 
+def test_psomerge_preset_defaults_to_cmaes_from_every_warm_start(char_family):
+    from psomerge.config import RunConfig
+    from psomerge.errors import ConfigError
+    from psomerge.swarm import make_optimizer
+
+    root, experts, data = char_family
+    base = {"base": str(root / "base"), "experts": [str(e) for e in experts],
+            "suites": [{"name": "addition", "dataset": str(data["addition"]), "optimisation_size": 8}]}
+    cfg = RunConfig.from_dict(base)
+    assert cfg.optimizer.type == "cmaes" and cfg.racing is None and cfg.warm_start is not None
+    assert RunConfig.from_dict({**base, "optimizer": {"budget": 30}}).optimizer.type == "cmaes"
+    assert RunConfig.from_dict({**base, "preset": "paper"}).optimizer.type == "pso"
+    pso = RunConfig.from_dict({**base, "optimizer": {"type": "pso"}})
+    assert pso.racing is not None  # PSO races particles against their personal bests
+    with pytest.raises(ConfigError, match="racing does not apply to optimizer 'cmaes'"):
+        RunConfig.from_dict({**base, "racing": {}})
+    # CMA-ES starts at the linear merges and, one-hot, at each static merge joined to the basis
+    k, n = 7, 2  # base, 2 experts, 2 DARE members, 2 static merges
+    linear = [np.full((1, k), 0.0)]
+    optimizer = make_optimizer(cfg.optimizer, k, 1, n_experts=n, starts=linear)
+    first = optimizer.ask()
+    assert len(first) == 3 and [int(np.argmax(x)) for x in first[1:]] == [5, 6]
+
+
 def test_psomerge_preset_warm_starts_races_and_selects_on_validation(char_family, tmp_path, monkeypatch):
     from psomerge.config import RunConfig
     from psomerge.pipeline import run_swarm

@@ -130,7 +130,7 @@ def train(
 
 
 def preset_run_config(assets: PresetAssets, *, name: str, model_name: str, suite: dict, generation: dict,
-                      optimizer: str, steps: int, baselines: list[str] | None, source: str,
+                      optimizer: str | None, steps: int, baselines: list[str] | None, source: str,
                       budget: int | None = None, **overrides):
     """A run config over a built preset: one suite per expert's dataset, with ``suite``'s
     settings (prompt, judge, split sizes) shared by all; ``overrides`` are top-level keys
@@ -145,7 +145,9 @@ def preset_run_config(assets: PresetAssets, *, name: str, model_name: str, suite
         "suites": [{"name": n, "dataset": str(p), "answer_field": "answer", "id_field": "id", **suite}
                    for n, p in assets.datasets.items()],
         "generation": generation,
-        "optimizer": {"type": optimizer, "steps": steps, **({"budget": budget} if budget is not None else {})},
+        # no optimizer type: the preset's default (psomerge: cmaes, paper: pso)
+        "optimizer": {**({"type": optimizer} if optimizer else {}), "steps": steps,
+                      **({"budget": budget} if budget is not None else {})},
         "registry": {"model_name": model_name},
         **extra,
         **overrides,

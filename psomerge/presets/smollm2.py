@@ -182,12 +182,12 @@ def build_smollm2(
     return PresetAssets.at(root, TASKS)
 
 
-def smollm2_run_config(assets: PresetAssets, spec: SmolSpec = SmolSpec(), optimizer: str = "pso", steps: int = 3,
+def smollm2_run_config(assets: PresetAssets, spec: SmolSpec = SmolSpec(), optimizer: str | None = None, steps: int = 3,
                        name: str | None = None, baselines: list[str] | None = None,
                        validation_size: int = VALIDATION_SIZE, **overrides):
     """The swarm run config for the SmolLM2 experts (configs/smollm2.yaml spells it out)."""
     return preset_run_config(
-        assets, name=name or f"smollm2-{optimizer}", model_name="psomerge-smollm2",
+        assets, name=name or f"smollm2-{optimizer or 'psomerge'}", model_name="psomerge-smollm2",
         suite={"prompt_template": "{prompt}", "judge": {"type": "exact_match", "normalizer": "text"},
                "optimisation_size": spec.optimisation_size, "validation_size": validation_size},
         generation={"max_new_tokens": 4, "batch_size": 64},

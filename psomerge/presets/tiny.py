@@ -132,11 +132,11 @@ def _build_base(root: Path, spec: TinySpec, on_progress) -> Path:
     return root
 
 
-def tiny_run_config(assets: PresetAssets, optimizer: str = "pso", steps: int = 5, name: str | None = None,
+def tiny_run_config(assets: PresetAssets, optimizer: str | None = None, steps: int = 5, name: str | None = None,
                     baselines: list[str] | None = None, **overrides):
     """The swarm run config for the tiny experts (what configs/demo.yaml spells out)."""
     return preset_run_config(
-        assets, name=name or f"demo-{optimizer}", model_name="psomerge-demo",
+        assets, name=name or f"demo-{optimizer or 'psomerge'}", model_name="psomerge-demo",
         suite={"prompt_template": "{question}", "judge": {"type": "exact_match", "normalizer": "none"},
                "optimisation_size": OPTIMISATION_SIZE, "validation_size": VALIDATION_SIZE},
         generation={"max_new_tokens": MAX_NEW_TOKENS, "batch_size": 256},
