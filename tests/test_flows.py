@@ -572,3 +572,38 @@ def test_flow_with_llm_judge_reports_judge_usage(tmp_path, home, char_family):
         assert first.judge_cache_hits >= 0 and first.generated_tokens > 0
         again = pso_merge(str(path)).counts
         assert again.judge_calls == 0 and again.scorings == 0
+
+
+def test_prefect_task_cache_keeps_a_raced_particle_flagged(tmp_path, home, char_family):
+    """A raced particle answered again by Prefect's task cache is still an estimate: it must
+    stay flagged raced, or it would count as a complete fitness (a best, a selection candidate)."""
+    from prefect import flow
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from psomerge.config import RunConfig
+    from psomerge.orchestration.tasks import PrefectScoring
+    from psomerge.swarm import member_coefficients
+
+    root, experts, data = char_family
+    cfg = RunConfig.from_dict({
+        "name": "raced", "base": str(root / "base"), "experts": [str(e) for e in experts],
+        "suites": [{"name": n, "dataset": str(p), "optimisation_size": 12, "heldout_size": 8,
+                    "judge": {"type": "exact_match", "normalizer": "none"}} for n, p in data.items()],
+        "generation": {"max_new_tokens": 6, "batch_size": 64},
+        "optimizer": {"type": "pso", "steps": 1}, "warm_start": None, "selection": None,
+        "racing": {"chunk": 4, "min_examples": 4, "confidence": None}, "baselines": [],
+    })
+
+    @flow(name="race-twice")
+    def race_twice():
+        with ThreadPoolTaskRunner(max_workers=1) as runner:
+            scoring = PrefectScoring(cfg, runner)
+            info = scoring.prepare()
+            base = member_coefficients(info.k, info.groups, 0)
+            target = (1.0, member_coefficients(info.k, info.groups, 1))  # perfect: the base surely cannot beat it
+            return scoring.score([base], [target])[0], scoring.score([base], [target])[0]
+
+    first, again = race_twice()
+    assert first.raced and first.scored and first.fitness < 1.0
+    assert again.task_cached and not again.scored
+    assert again.raced and again.fitness == first.fitness

@@ -154,7 +154,9 @@ class PrefectScoring:
             if progress is not None:
                 progress.advance()
             if f.state.name == "Cached":  # Prefect's own result cache answered: nothing was used
-                results.append(ParticleScore(r["fitness"], r["scores"], scored=False, task_cached=True))
+                # a raced estimate stays flagged: it must never become a best or a selection candidate
+                results.append(ParticleScore(r["fitness"], r["scores"], scored=False, task_cached=True,
+                                             raced=r.get("raced", False)))
             else:
                 results.append(ParticleScore(**{**r, "usage": Usage(**r["usage"])}))
         return results
