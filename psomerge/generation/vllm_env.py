@@ -24,6 +24,7 @@ def vllm_python(configured: str | Path | None = None) -> Path:
 
 
 def vllm_env() -> dict[str, str]:
-    """Environment for a vLLM process: offline, no usage reports. The platform (CPU or GPU)
-    is vLLM's own choice from the build installed in its environment."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
+    """Environment for a vLLM process: offline and no usage reports unless this process's
+    environment says otherwise (a value already set wins, as for every default psomerge sets).
+    The platform (CPU or GPU) is vLLM's own choice from the build installed in its environment."""
+    return {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1", **os.environ}

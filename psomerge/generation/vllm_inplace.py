@@ -249,26 +249,3 @@ def _record_landings(model: torch.nn.Module, ckpt, names: list[str]) -> tuple[di
     if after != before:
         raise RuntimeError("mapping the engine's weights replaced some of its parameters; restart the engine")
     return landings, skipped
-
-
-def hold_basis(spec: dict, parent_storage: str, device: str, dtype: torch.dtype):
-    """The basis ``spec`` describes, held for summing into this engine (whose weights are in
-    ``dtype``): on a CUDA engine on the GPU where members, masks and the sum's temporaries fit
-    in what the engine left free, else in pinned host memory (summed on the GPU chunk by chunk);
-    on a CPU engine in host memory, or read from the files per particle where the run chose
-    ``mmap``. The bytes are those ``plan_memory`` plans with (``engine_basis_bytes``)."""
-    from psomerge.swarm.basis import Basis
-    from psomerge.swarm.plan import ModelSize, engine_basis_bytes, gib
-
-    opened = Basis.from_spec(spec, "mmap")  # nothing read yet
-    if device == "cuda":
-        members, masks, scratch = engine_basis_bytes([ModelSize.of(c) for c in opened.checkpoints],
-                                                     len(opened.masks), dtype)
-        held, needed = members + masks, members + masks + scratch
-        free, _ = torch.cuda.mem_get_info()
-        storage = "cuda" if needed <= free else "pinned"
-        log.info("basis of %s: %s on the GPU with %s free: %s", gib(held), gib(needed), gib(free), storage)
-    else:
-        storage = "mmap" if parent_storage == "mmap" else "ram"
-    return opened.with_storage(storage)
-

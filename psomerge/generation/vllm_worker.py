@@ -158,12 +158,12 @@ class InEngine:
                            "trace": traceback.format_exc()}
 
     def hold(self, spec: dict, storage: str) -> dict:
-        from psomerge.generation.vllm_inplace import hold_basis
+        from psomerge.swarm.plan import engine_basis
 
         if self.weights is None or not self.weights.possible:
             raise RuntimeError(f"particles cannot be written into this engine: {self.report['reason']}")
         self.basis = None  # a previous basis goes first
-        self.basis = hold_basis(spec, storage, self.device, self.llm.llm_engine.model_config.dtype)
+        self.basis = engine_basis(spec, storage, self.device, self.llm.llm_engine.model_config.dtype)
         return {"storage": self.basis.storage, "nbytes": self.basis.nbytes()}
 
     def write(self, coefficients: list) -> None:

@@ -14,6 +14,7 @@ last position's logits and one layer's prefill activations, all fp32).
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,9 +27,11 @@ from psomerge.generation.settings import TransformersSettings, VLLMSettings
 from psomerge.io import Model, check_compatible
 from psomerge.io.checkpoint import DTYPES
 from psomerge.io.layout import itemsize
-from psomerge.swarm.basis import BasisSettings, floating_names, open_members
+from psomerge.swarm.basis import Basis, BasisSettings, floating_names, open_members
 from psomerge.swarm.masks import packed_size
 from psomerge.swarm.materialise import CHUNK_ENTRIES
+
+log = logging.getLogger(__name__)
 
 GiB = 1024**3
 CUDA_CONTEXT = 1 * GiB  # CUDA context and allocator slack of a process computing on the GPU (estimate)
@@ -204,7 +207,7 @@ def sum_scratch_bytes(ref: ModelSize, dense_members: int) -> int:
 def engine_basis_bytes(dense: Sequence[ModelSize], n_masks: int, engine_dtype: torch.dtype) -> tuple[int, int, int]:
     """(members, masks, sum temporaries): the bytes a vLLM engine's process needs to hold a
     basis and sum particles into its weights on the GPU (the in-engine path), as
-    ``vllm_inplace.hold_basis`` places it and ``plan_memory`` plans it. The temporaries are the
+    ``engine_basis`` places it and ``plan_memory`` plans it. The temporaries are the
     chunked sum's, and one tensor's fp32 sum where the engine's weights are in another dtype."""
     ref = dense[0]
     fp32_tensor = ref.largest * 4 if engine_dtype != torch.float32 else 0  # Basis.materialise's scratch
@@ -214,7 +217,7 @@ def engine_basis_bytes(dense: Sequence[ModelSize], n_masks: int, engine_dtype: t
 
 def _place_members_in_engine(plan: MemoryPlan, generation: VLLMSettings, dense: list[ModelSize], n: int,
                              ref: ModelSize, gpu_memory: int, dtype: torch.dtype) -> None:
-    """The basis where the engine's process puts it (``vllm_inplace.hold_basis``): on the GPU
+    """The basis where the engine's process puts it (``engine_basis``): on the GPU
     where members, masks and the sum's temporaries fit beside the engine, else pinned host
     memory, summed on the GPU chunk by chunk."""
     what, names = _members_label(dense, n)
@@ -314,3 +317,22 @@ def _activation_bytes(config: dict, batch: int, tokens: int) -> int:
     vocab = key("vocab_size")
     kv = 2 * layers * kv_heads * head_dim * batch * tokens
     return 4 * (kv + batch * vocab + batch * tokens * (4 * hidden + 2 * intermediate))
+
+
+def engine_basis(spec: dict, parent_storage: str, device: str, dtype: torch.dtype):
+    """The basis ``spec`` describes, held for summing into this engine (whose weights are in
+    ``dtype``): on a CUDA engine on the GPU where members, masks and the sum's temporaries fit
+    in what the engine left free, else in pinned host memory (summed on the GPU chunk by chunk);
+    on a CPU engine in host memory, or read from the files per particle where the run chose
+    ``mmap``. The bytes are those ``plan_memory`` plans with (``engine_basis_bytes``)."""
+    opened = Basis.from_spec(spec, "mmap")  # nothing read yet
+    if device == "cuda":
+        members, masks, scratch = engine_basis_bytes([ModelSize.of(c) for c in opened.checkpoints],
+                                                     len(opened.masks), dtype)
+        held, needed = members + masks, members + masks + scratch
+        free, _ = torch.cuda.mem_get_info()
+        storage = "cuda" if needed <= free else "pinned"
+        log.info("basis of %s: %s on the GPU with %s free: %s", gib(held), gib(needed), gib(free), storage)
+    else:
+        storage = "mmap" if parent_storage == "mmap" else "ram"
+    return opened.with_storage(storage)
