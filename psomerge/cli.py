@@ -342,14 +342,12 @@ def plan(
     safetensors headers alone (no tensor is read); exit 2 when it does not fit."""
     _setup(verbose)
     from psomerge.config import RunConfig
-    from psomerge.judges.vllm_server import VLLMServer
     from psomerge.swarm.plan import parse_size, plan_memory
 
     try:
         # planned for another host: its data files and vLLM environment need not exist here
         cfg = RunConfig.load(config, check_paths=False)
-        servers = [(s.name, float(s.judge.serve.get("memory_fraction", VLLMServer.memory_fraction)))
-                   for s in cfg.suites if getattr(s.judge, "serve", None)]
+        servers = [(s.name, s.judge.serve.memory_fraction) for s in cfg.suites if getattr(s.judge, "serve", None)]
         memory = plan_memory(cfg.base, cfg.experts, cfg.basis, cfg.generation, parse_size(gpu_memory),
                              parse_size(host_memory) if host_memory else None, judge_servers=servers,
                              planned_extras=len(cfg.warm_start.members) if cfg.warm_start else 0,

@@ -231,6 +231,12 @@ class RunConfig(StrictModel):
                 raise ConfigError(f"{where}: key 'suites[{i}].lm_eval' needs the lm-eval package: {LM_EVAL_HINT}")
             if s.dataset is not None and not Path(s.dataset).exists():
                 raise ConfigError(f"{where}: key 'suites[{i}].dataset': {s.dataset} does not exist")
+            serve = getattr(s.judge, "serve", None)  # an LLM judge served by vLLM, started by psomerge
+            if serve is not None:
+                try:
+                    serve.check_paths(f"suites[{i}].judge.serve")
+                except ConfigError as exc:
+                    raise ConfigError(f"{where}: {exc}") from None
         if isinstance(self.generation, VLLMSettings):
             from psomerge.generation.vllm_env import vllm_python
 

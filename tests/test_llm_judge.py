@@ -275,7 +275,8 @@ def test_credentials_in_free_form_values_never_reach_mlflow_params(char_family, 
         "name": "secrets", "base": str(root / "base"), "experts": [str(e) for e in experts],
         "suites": [{"name": n, "dataset": str(p), "judge": {"type": "llm", "model": "judge", "serve": serve}}
                    for n, p in data.items()],
-        "runner": {"type": "dask", "address": "tcp://alice:hunter2@scheduler:8786"}})
+        "runner": {"type": "dask", "address": "tcp://alice:hunter2@scheduler:8786"}},
+        check_paths=False)  # planned for a host with a vLLM environment
     tracker = MLflowTracker()
     run_id = tracker.start(cfg, BasisInfo("fp", 1, 1, [], [], {}, 0), None)["mlflow_run_id"]
     tracker.close(failed=False)
@@ -296,3 +297,28 @@ def test_redact_keeps_what_is_no_credential():
         "a": ["--tokenizer", "t", "--max-num-batched-tokens", "64", "--token", "***"],
         "url": "https://h.example/v1?api_key=***&model=m", "env": "HF_TOKEN", "n": 3, "pasted": "***",
         "dsn": "postgres://***@db/x"}
+
+
+def test_served_judge_settings_are_checked_when_the_config_loads(tmp_path, char_family, monkeypatch):
+    """A served judge's section is a schema: a misspelled option, a missing model folder or a
+    missing vLLM environment is an error naming the key when the config loads, before any work."""
+    root, experts, data = char_family
+    monkeypatch.setenv("PSOMERGE_VLLM_PYTHON", str(tmp_path / "no-vllm" / "python"))
+
+    def load(serve):
+        return RunConfig.from_dict({
+            "name": "served", "base": str(root / "base"), "experts": [str(e) for e in experts],
+            "suites": [{"name": n, "dataset": str(p), "judge": {"type": "llm", "model": "judge", "serve": serve}}
+                       for n, p in data.items()]}, source="run.yaml")
+
+    with pytest.raises(ConfigError, match=r"run.yaml: key 'suites.0.judge.serve.bogus'"):
+        load({"model_path": str(root / "base"), "bogus": 1})
+    with pytest.raises(ConfigError, match=r"key 'suites\[0\].judge.serve.model_path': model folder .*nowhere"):
+        load({"model_path": str(tmp_path / "nowhere")})
+    with pytest.raises(ConfigError, match=r"key 'suites\[0\].judge.serve.python': vLLM environment not found"):
+        load({"model_path": str(root / "base")})
+    python = tmp_path / "vllm-env" / "python"
+    python.parent.mkdir()
+    python.write_text("")
+    cfg = load({"model_path": str(root / "base"), "python": str(python), "memory_fraction": 0.3})
+    assert cfg.suites[0].judge.serve.memory_fraction == 0.3 and cfg.suites[0].judge.serve.max_model_len == 2048

@@ -32,6 +32,7 @@ from psomerge.credentials import looks_like_a_key, url_credentials
 from psomerge.errors import PsomergeError
 from psomerge.hashing import digest
 from psomerge.judges.protocol import Example, Score, ScorerUsage
+from psomerge.judges.vllm_server import ServeSettings, VLLMServer
 from psomerge.kvstore import SqliteKV
 from psomerge.templates import field_validator_for, fill
 from psomerge.yamlconfig import StrictModel, validate
@@ -103,7 +104,7 @@ class LLMJudgeSettings(StrictModel):
     parse_retries: int = Field(2, ge=0)
     price_per_mtok_prompt: float = Field(0.0, ge=0)
     price_per_mtok_completion: float = Field(0.0, ge=0)
-    serve: dict[str, Any] | None = None  # start a vLLM server: {model_path, python, ...} (VLLMServer's keys)
+    serve: ServeSettings | None = None  # start a vLLM server for the judge: {model_path, python, ...}
 
     check_templates = field_validator_for("template")
 
@@ -160,9 +161,7 @@ class LLMJudge:
 
                 s = self.settings
                 if s.serve is not None:
-                    from psomerge.judges.vllm_server import VLLMServer
-
-                    self._server = VLLMServer(**{"served_name": s.model, **s.serve}).start()
+                    self._server = VLLMServer(s.serve, served_name=s.model).start()
                     self.base_url = self._server.url
                 self._client = OpenAI(base_url=self.base_url, api_key=os.environ.get(s.api_key_env) or "none",
                                       max_retries=s.max_retries, timeout=s.timeout)

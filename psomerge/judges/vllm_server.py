@@ -13,11 +13,14 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from psomerge.errors import PsomergeError
+from pydantic import Field
+
+from psomerge.errors import ConfigError, PsomergeError
 from psomerge.generation.vllm_env import vllm_env, vllm_python
+from psomerge.yamlconfig import StrictModel
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +36,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServeSettings(StrictModel):
+    """A vLLM server psomerge starts for an LLM judge (the judge's ``serve`` section)."""
+
+    model_path: Path
+    python: Path | None = None  # see vllm_python()
+    port: int | None = Field(None, gt=0, lt=65536)  # default: a free port
+    dtype: str = "bfloat16"
+    max_model_len: int = Field(2048, gt=0)
+    memory_fraction: float = Field(0.2, gt=0, le=1)  # --gpu-memory-utilization: on the CPU backend, the share of RAM
+    startup_timeout: float = Field(600.0, gt=0)
+    extra_args: list[str] = Field(default_factory=list)
+    chat_template: Path | None = None  # a file; a plain template is used when the model has none
+
+    def check_paths(self, key: str) -> None:
+        """The model folder, chat template and vLLM environment exist (``key`` names the section)."""
+        if not self.model_path.is_dir():
+            raise ConfigError(f"key '{key}.model_path': model folder {self.model_path} does not exist")
+        if self.chat_template is not None and not self.chat_template.is_file():
+            raise ConfigError(f"key '{key}.chat_template': file {self.chat_template} does not exist")
+        try:
+            vllm_python(self.python)
+        except ConfigError as exc:
+            raise ConfigError(f"key '{key}.python': {exc}") from None
+
+
 @dataclass
 class VLLMServer:
-    model_path: str
+    settings: ServeSettings
     served_name: str = "judge"
-    python: str | None = None  # see vllm_python()
-    port: int | None = None
-    dtype: str = "bfloat16"
-    max_model_len: int = 2048
-    memory_fraction: float = 0.2  # --gpu-memory-utilization: on the CPU backend, the share of RAM reserved
-    startup_timeout: float = 600.0
-    extra_args: list[str] = field(default_factory=list)
-    chat_template: str | None = None  # a file; a plain template is used when the model has none
+    port: int | None = None  # the settings' port, else a free one when started
     _proc: subprocess.Popen | None = None
 
     @property
@@ -52,24 +73,25 @@ class VLLMServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> "VLLMServer":
-        python = vllm_python(self.python)
-        self.port = self.port or _free_port()
-        template = self.chat_template
-        if template is None and not _has_chat_template(Path(self.model_path)):
+        s = self.settings
+        python = vllm_python(s.python)
+        self.port = s.port or self.port or _free_port()
+        template = str(s.chat_template) if s.chat_template else None
+        if template is None and not _has_chat_template(s.model_path):
             fd, template = tempfile.mkstemp(suffix=".jinja")
             os.write(fd, PLAIN_CHAT_TEMPLATE.encode())
             os.close(fd)
-        cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_path,
+        cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(s.model_path),
                "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
-               "--dtype", self.dtype, "--max-model-len", str(self.max_model_len), "--enforce-eager",
-               "--gpu-memory-utilization", str(self.memory_fraction),
-               *(["--chat-template", template] if template else []), *self.extra_args]
+               "--dtype", s.dtype, "--max-model-len", str(s.max_model_len), "--enforce-eager",
+               "--gpu-memory-utilization", str(s.memory_fraction),
+               *(["--chat-template", template] if template else []), *s.extra_args]
         env = vllm_env()
         self._log = tempfile.NamedTemporaryFile(prefix="vllm-", suffix=".log", delete=False)
         log.info("starting vLLM on %s (log %s)", self.url, self._log.name)
         self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         atexit.register(self.stop)  # its own session: it would outlive this process otherwise
-        deadline = time.monotonic() + self.startup_timeout
+        deadline = time.monotonic() + s.startup_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise PsomergeError(f"vLLM exited with {self._proc.returncode} while starting; see {self._log.name}:\n"
@@ -81,7 +103,7 @@ class VLLMServer:
             except OSError:
                 time.sleep(1)
         self.stop()
-        raise PsomergeError(f"vLLM did not answer on {self.url} within {self.startup_timeout:.0f}s; see {self._log.name}")
+        raise PsomergeError(f"vLLM did not answer on {self.url} within {s.startup_timeout:.0f}s; see {self._log.name}")
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
