@@ -501,10 +501,11 @@ def _json(url, body=None):
         return json.loads(response.read())
 
 
-@pytest.mark.slow  # a prefect server, a deployment and a flow run in its own process: about 45 s
+@pytest.mark.slow  # a prefect server, a deployment and a flow run in its own process: about 45-105 s
 def test_deploy_serves_a_schedule_whose_runs_complete(tmp_path, char_family):
-    """`psomerge deploy --interval` against a real `prefect server`: the server's scheduler
-    creates a run, the served deployment executes it, and it completes (a registered model)."""
+    """`psomerge deploy --cron` against a real `prefect server`: the server's scheduler creates
+    a run at the next minute, the served deployment executes it, and it completes (a registered
+    model)."""
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     server_env = _isolated_env(tmp_path / "home", PREFECT_HOME=str(tmp_path / "prefect-server"),
@@ -518,7 +519,7 @@ def test_deploy_serves_a_schedule_whose_runs_complete(tmp_path, char_family):
     try:
         cfg = write_config(tmp_path / "run.yaml", char_family, "nightly", steps=1, baselines=())
         with open(tmp_path / "deploy.log", "wb") as out:
-            deploy = subprocess.Popen([sys.executable, "-m", "psomerge.cli", "deploy", str(cfg), "--interval", "10"],
+            deploy = subprocess.Popen([sys.executable, "-m", "psomerge.cli", "deploy", str(cfg), "--cron", "* * * * *"],
                                       env=_isolated_env(tmp_path / "home", PREFECT_API_URL=api,
                                                         PREFECT_RUNNER_POLL_FREQUENCY="2"), cwd=workdir,
                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -530,7 +531,7 @@ def test_deploy_serves_a_schedule_whose_runs_complete(tmp_path, char_family):
             runs = _json(f"{api}/flow_runs/filter", {})
             completed = [r for r in runs if r["state_type"] == "COMPLETED"]
         deployment = _json(f"{api}/deployments/name/pso-merge/nightly")
-        assert deployment["schedules"][0]["schedule"]["interval"] == 10
+        assert deployment["schedules"][0]["schedule"]["cron"] == "* * * * *"
         run = completed[0]
         assert run["deployment_id"] == deployment["id"] and run["auto_scheduled"]  # created by the schedule
         assert run["parameters"] == {"config_path": str(cfg.resolve())}
