@@ -678,3 +678,20 @@ def test_no_sandboxed_process_can_trace_another(use_bwrap):
     [s] = scorer.score([Example("strace", "", "")], [trace])
     assert s.value == 0.0 and "Operation not permitted" in s.meta["stderr"], s.meta
     assert subprocess.run(["strace", "-f", "-o", "/dev/null", "true"], check=False).returncode == 0  # outside: allowed
+
+
+def test_without_bubblewrap_a_user_who_is_not_root_is_refused(monkeypatch):
+    """Without bubblewrap only root can build the namespaces and mounts that contain a program:
+    anyone else gets an error saying so, never a run without a sandbox."""
+    from psomerge.judges import sandbox
+
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 1000)
+    sandbox._probed.cache_clear()
+    try:
+        limits = sandbox.Limits(cpu_seconds=5, memory_bytes=511 << 20, file_bytes=1 << 20, processes=16,
+                                disk_bytes=8 << 20)
+        with pytest.raises(SandboxError, match="it needs root") as err:
+            sandbox.sandbox_for(False, limits)
+        assert "no sandbox can run" in str(err.value)
+    finally:
+        sandbox._probed.cache_clear()

@@ -115,6 +115,8 @@ EDITS = {
                                                  lambda t: t.update(model_max_length=32)),
     "expert config": lambda r: edit_json(r / "e1" / "config.json", set_rope_theta),
     "expert tokenizer": lambda r: edit_json(r / "e0" / "tokenizer.json", _add_token),
+    "expert generation config": lambda r: edit_json(r / "e0" / "generation_config.json",
+                                                    lambda g: g.update(eos_token_id=5)),
     "expert retrained": lambda r: retrain(r / "e0"),
     "a data field only a scorer reads": lambda r: _edit_records(r / "addition.jsonl",
                                                                 lambda rec: rec.update(tests="x")),
@@ -403,6 +405,18 @@ def test_experts_whose_folders_share_a_name_keep_distinct_rows(fam):
     assert labels == ["base", "expert:team0/expert", "expert:team1/expert", "psomerge:paper"]
     assert run.basis.labels == ["base", "expert:team0/expert", "expert:team1/expert",
                                 "dare:team0/expert", "dare:team1/expert"]
+    # the run's MLflow tags keep one fingerprint per expert, each under its distinct label
+    from mlflow import MlflowClient
+
+    from psomerge.tracking import MLflowTracker
+
+    tracker = MLflowTracker()
+    run_id = tracker.start(run.config, run.basis, None)["mlflow_run_id"]
+    tracker.close(failed=False)
+    tags = MlflowClient().get_run(run_id).data.tags
+    prints = {k.removeprefix("fingerprint."): v for k, v in tags.items() if k.startswith("fingerprint.")}
+    assert set(prints) == {"base", "team0/expert", "team1/expert"}
+    assert prints["team0/expert"] != prints["team1/expert"]
 
 
 @pytest.mark.parametrize("differs_in", ["config", "tokenizer"])
