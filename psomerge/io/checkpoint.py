@@ -79,6 +79,18 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     against the file: a sane header length, a JSON object, and per tensor a known dtype and
     data offsets that fit its shape and lie inside the file (a truncated file, or a header
     that lies about a dtype or a shape, is refused here rather than read as garbage)."""
+    return _header_and_data_start(path)[0]
+
+
+def tensor_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """Name -> (first byte, end byte) of each tensor's data in a safetensors file, from its
+    checked header alone."""
+    header, start = _header_and_data_start(path)
+    return {n: (start + m["data_offsets"][0], start + m["data_offsets"][1]) for n, m in header.items()
+            if n != "__metadata__"}
+
+
+def _header_and_data_start(path: Path) -> tuple[dict[str, Any], int]:
     try:
         file_size = path.stat().st_size
         with open(path, "rb") as f:
@@ -92,7 +104,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
     _check_offsets(path, header, file_size - 8 - size)
-    return header
+    return header, 8 + size  # tensor data follow the 8-byte length and the header
 
 
 def _check_offsets(path: Path, header: dict[str, Any], data_size: int) -> None:
@@ -256,7 +268,7 @@ class Checkpoint:
 
     def weights_fingerprint(self) -> str:
         """Content hash of the weight files alone."""
-        return _hash_files(self.weight_files())
+        return hash_files(self.weight_files())
 
     def fingerprint(self) -> str:
         """Content hash of everything that makes this model answer as it does: the weight
@@ -265,7 +277,7 @@ class Checkpoint:
         an expert retrained in place, never serves a stale score."""
         weights = self.weights_fingerprint()
         weight_files = set(self.weight_files())
-        return digest([weights, _hash_files([f for f in self.model_files() if f not in weight_files], names=True)])
+        return digest([weights, hash_files([f for f in self.model_files() if f not in weight_files], names=True)])
 
     def write_model_files(self, out_dir: str | Path, dtype: torch.dtype) -> None:
         """Config (with ``dtype``), generation config and tokenizer files of this model, for
@@ -305,7 +317,7 @@ def model_labels(paths: Sequence[str | Path]) -> list[str]:
     return labels
 
 
-def _hash_files(files: list[Path], names: bool = False) -> str:
+def hash_files(files: list[Path], names: bool = False) -> str:
     """Content hash of ``files`` in order (with their names when ``names``), memoised per
     process by (path, size, mtime): validation, the basis, baselines and the registry all
     ask, and hashing a 7B checkpoint takes a while."""

@@ -12,7 +12,6 @@ as any expert. Adapter kinds whose merge is not a plain low-rank sum are refused
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -26,7 +25,7 @@ from safetensors import safe_open
 
 from psomerge.errors import CheckpointError
 from psomerge.hashing import digest
-from psomerge.io.checkpoint import Checkpoint, TensorInfo
+from psomerge.io.checkpoint import Checkpoint, TensorInfo, hash_files
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -272,12 +271,7 @@ class LoraExpert:
 
     def fingerprint(self) -> str:
         """The adapter files' content and the base's fingerprint."""
-        h = hashlib.blake2b(digest_size=16)
-        for f in self.adapter_files():
-            with open(f, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    h.update(chunk)
-        return digest(["lora", h.hexdigest(), self.base.fingerprint()], 32)
+        return digest(["lora", hash_files(self.adapter_files()), self.base.fingerprint()], 32)
 
     def write_model_files(self, out_dir: str | Path, dtype: torch.dtype) -> None:
         self.base.write_model_files(out_dir, dtype)

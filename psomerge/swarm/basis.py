@@ -27,9 +27,10 @@ from pydantic import Field
 from psomerge.errors import CheckpointError, ConfigError
 from psomerge.hashing import digest
 from psomerge.io import Checkpoint, Model, check_compatible, model_labels, open_model, write_checkpoint
+from psomerge.io.checkpoint import tensor_spans
 from psomerge.io.vocab import AlignedModel, TokenizerSource, align_vocabularies
 from psomerge.progress import SILENT, Progress
-from psomerge.swarm.masks import DareMask, dare_masks_for, tensor_spans, unpack_bits
+from psomerge.swarm.masks import DareMask, dare_masks_for, unpack_bits
 from psomerge.swarm.materialise import fused_sum_into, masked_sum_into, weighted_sum_into, writable_tensors
 from psomerge.yamlconfig import StrictModel
 

@@ -23,7 +23,7 @@ import torch
 from psomerge.errors import CheckpointError
 from psomerge.hashing import digest
 from psomerge.io import Model, StreamingSafetensorsWriter, check_finite
-from psomerge.io.checkpoint import SAFETENSORS_SINGLE, read_safetensors_header
+from psomerge.io.checkpoint import SAFETENSORS_SINGLE, tensor_spans
 from psomerge.merging.sparsify import dare_mask
 from psomerge.merging.task_vectors import generator
 
@@ -31,16 +31,6 @@ log = logging.getLogger(__name__)
 
 MASK_FILE = "dare_mask.safetensors"
 META_FILE = "dare_mask.json"
-
-
-def tensor_spans(path: Path) -> dict[str, tuple[int, int]]:
-    """Name -> (first byte, end byte) of each tensor's data in a safetensors file, from its
-    header alone."""
-    header = read_safetensors_header(path)
-    with open(path, "rb") as f:
-        start = 8 + int.from_bytes(f.read(8), "little")  # data follow the 8-byte length and the header
-    return {n: (start + m["data_offsets"][0], start + m["data_offsets"][1]) for n, m in header.items()
-            if n != "__metadata__"}
 
 
 def packed_size(numel: int) -> int:
