@@ -41,7 +41,7 @@ from psomerge.paths import data_dir  # noqa: E402
 from psomerge.pipeline import InProcessScoring, RunContext, run_pipeline  # noqa: E402
 from psomerge.swarm import member_coefficients  # noqa: E402
 from psomerge.swarm.selection import choose, selection_candidates  # noqa: E402
-from psomerge.swarm.warm_start import linear_starts  # noqa: E402
+from psomerge.swarm.warm_start import warm_starts  # noqa: E402
 
 METHODS = ("paper", "psomerge", "psomerge_pso", "psomerge_pso_no_racing", "model_swarms", "cmaes", "random",
            "ta_grid")
@@ -218,8 +218,7 @@ def _choose(cfg, ctx: RunContext, within: list[Evaluation]) -> np.ndarray:
     if cfg.selection is None or not ctx.has_validation:
         return max(complete, key=lambda e: e[1])[0]
     info = ctx.info()
-    starts = linear_starts(cfg.warm_start, info.k, info.groups, info.n_experts) if cfg.warm_start else []
-    starts += [member_coefficients(info.k, info.groups, j) for j in range(1 + 2 * info.n_experts, info.k)]
+    starts = warm_starts(cfg.warm_start, info.k, info.groups, info.n_experts)
     picked = selection_candidates(complete, starts, cfg.selection)
     validation = [ctx.evaluator.evaluate(x, "validation").fitness for x, _, _ in picked]
     return picked[choose([f for _, f, _ in picked], validation)][0]

@@ -37,7 +37,7 @@ from psomerge.swarm.run import (
     RunLock, StepReport, check_optimizer, check_provenance, load_checkpoint, run_optimizer,
 )
 from psomerge.swarm.selection import choose, selection_candidates
-from psomerge.swarm.warm_start import linear_starts
+from psomerge.swarm.warm_start import warm_starts
 
 log = logging.getLogger(__name__)
 
@@ -466,8 +466,7 @@ def run_pipeline(
             if on_step:
                 on_step(report)
 
-        starts = (linear_starts(config.warm_start, info.k, info.groups, info.n_experts)
-                  if config.warm_start is not None else [])
+        starts = warm_starts(config.warm_start, info.k, info.groups, info.n_experts)
         optimizer = make_optimizer(config.optimizer, info.k, info.groups, n_experts=info.n_experts, starts=starts)
         search = run_optimizer(optimizer, None, evaluate_batch=score_batch, checkpoint=checkpoint, resume=resume,
                                on_step=step, counts=counts.as_dict,
@@ -476,7 +475,7 @@ def run_pipeline(
         result = RunResult(config, info, search.best_position, search.best_fitness, search.best_scores,
                            search.history, counts, output_dir=out)
         if evaluate_heldout and config.selection is not None and any(s.validation_size for s in config.suites):
-            _select(result, scoring, evaluated, starts + _member_starts(info), counts)
+            _select(result, scoring, evaluated, starts, counts)
         if evaluate_heldout:
             members = {label: member_coefficients(info.k, info.groups, j)
                        for j, label in enumerate(info.labels[: 1 + len(config.experts)])}
@@ -498,12 +497,6 @@ def run_pipeline(
             scoring.close()
         finally:
             lock.release()
-
-
-def _member_starts(info: BasisInfo) -> list[np.ndarray]:
-    """One-hot positions of the extra members (static merges) the warm start added."""
-    first = 1 + 2 * info.n_experts
-    return [member_coefficients(info.k, info.groups, j) for j in range(first, info.k)]
 
 
 def _select(result: RunResult, scoring: Scoring, evaluated: list[tuple[np.ndarray, float]],

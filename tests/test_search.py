@@ -273,12 +273,20 @@ def test_psomerge_preset_defaults_to_cmaes_from_every_warm_start(char_family):
     assert pso.racing is not None  # PSO races particles against their personal bests
     with pytest.raises(ConfigError, match="racing does not apply to optimizer 'cmaes'"):
         RunConfig.from_dict({**base, "racing": {}})
-    # CMA-ES starts at the linear merges and, one-hot, at each static merge joined to the basis
+    # CMA-ES starts at the linear merges and, one-hot, at each expert and each static merge
+    # joined to the basis; a swarm, which has a particle at every member, takes only the linear ones
+    from psomerge.swarm.warm_start import warm_starts
+
     k, n = 7, 2  # base, 2 experts, 2 DARE members, 2 static merges
-    linear = [np.full((1, k), 0.0)]
-    optimizer = make_optimizer(cfg.optimizer, k, 1, n_experts=n, starts=linear)
-    first = optimizer.ask()
-    assert len(first) == 3 and [int(np.argmax(x)) for x in first[1:]] == [5, 6]
+    starts = warm_starts(cfg.warm_start, k, 1, n)
+    first = make_optimizer(cfg.optimizer, k, 1, n_experts=n, starts=starts).ask()
+    linear = len(cfg.warm_start.task_arithmetic) + 1  # and the average
+    assert len(first) == linear + 4 and [int(np.argmax(x)) for x in first[linear:]] == [1, 2, 5, 6]
+    assert all(np.allclose(x.sum(axis=1), 1) for x in first)
+    swarm = make_optimizer(pso.optimizer, k, 1, n_experts=n, starts=starts).ask()
+    assert len(swarm) == k + linear
+    without = warm_starts(cfg.warm_start.model_copy(update={"experts": False}), k, 1, n)
+    assert [int(np.argmax(x)) for x in without[linear:]] == [5, 6]
 
 
 def test_psomerge_preset_warm_starts_races_and_selects_on_validation(char_family, tmp_path, monkeypatch):

@@ -6,13 +6,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from psomerge.swarm.basis import member_coefficients
 from psomerge.swarm.cmaes import CMAES, CMAESSettings
 from psomerge.swarm.model_swarms import ModelSwarms, ModelSwarmsSettings
 from psomerge.swarm.optimizer import Optimizer, SwarmOptimizer
 from psomerge.swarm.pso import PSOMerging, PSOSettings
 from psomerge.swarm.random_search import RandomSearch, RandomSearchSettings
 from psomerge.swarm.scale_grid import ScaleGrid, ScaleGridSettings
+from psomerge.swarm.warm_start import is_one_hot
 from psomerge.yamlconfig import tagged_union
 
 OPTIMIZERS = {
@@ -29,12 +29,12 @@ OptimizerChoice = tagged_union({name: settings for name, (settings, _) in OPTIMI
 def make_optimizer(settings, k: int, groups: int, *, n_experts: int,
                    starts: Sequence[np.ndarray] = ()) -> Optimizer:
     """The optimiser ``settings`` name, over K basis members in G coefficient groups, with
-    extra starting positions (warm starts). Swarms start one-hot at every member already; the
-    other optimisers also get the extra members (static merges) one-hot as starts, so every
-    warm-started search begins at least at the best static merge."""
+    extra starting positions (``warm_start.warm_starts``: linear merges, experts, static merges
+    joined to the basis). Swarms start one-hot at every member already, so they take only the
+    starts that are not; either way a warm-started search begins at least at the best of them."""
     cls = OPTIMIZERS[settings.type][1]
     if cls is ScaleGrid:  # searches one scale of task arithmetic: warm starts do not apply
         return ScaleGrid(k, groups, settings, n_experts=n_experts)
-    if not issubclass(cls, SwarmOptimizer) and len(starts):
-        starts = [*starts, *(member_coefficients(k, groups, j) for j in range(1 + 2 * n_experts, k))]
+    if issubclass(cls, SwarmOptimizer):  # a swarm has a particle at every member already
+        starts = [x for x in starts if not is_one_hot(x)]
     return cls(k, groups, settings, starts)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field, field_validator
 
+from psomerge.swarm.basis import member_coefficients
 from psomerge.yamlconfig import StrictModel
 
 # static merges that are not points of the coefficient space, and so become basis members
@@ -21,6 +22,9 @@ MEMBER_MERGES = ("ties", "dare_ties", "della", "dare_linear")
 
 class WarmStartSettings(StrictModel):
     average: bool = True  # a particle at the plain average of the experts
+    # a particle at each expert itself (one-hot): the search then starts at least at the best
+    # single expert too, and model selection can keep one where no merge beats it
+    experts: bool = True
     task_arithmetic: list[float] = Field(default_factory=lambda: [0.7, 1.0])  # lambdas
     members: list[str] = Field(default_factory=lambda: ["ties", "dare_ties", "della"])
 
@@ -52,3 +56,20 @@ def linear_starts(settings: WarmStartSettings, k: int, groups: int, n_experts: i
         if not any(np.allclose(x, y) for y in out):
             out.append(x)
     return out
+
+
+def warm_starts(settings: "WarmStartSettings | None", k: int, groups: int, n_experts: int) -> list[np.ndarray]:
+    """Every position a warm-started search starts from: the linear merges, each expert where
+    asked (one-hot), and each static merge joined to the basis (one-hot on its member, after
+    the base, the experts and their DARE members)."""
+    if settings is None:
+        return []
+    out = linear_starts(settings, k, groups, n_experts)
+    members = [*(range(1, 1 + n_experts) if settings.experts else ()), *range(1 + 2 * n_experts, k)]
+    return out + [member_coefficients(k, groups, j) for j in members]
+
+
+def is_one_hot(x: np.ndarray) -> bool:
+    """Whether ``x`` is one basis member (in every group): swarms have a particle there already."""
+    x = np.asarray(x)
+    return bool(np.all((x == 0) | (x == 1)) and np.all(x.sum(axis=1) == 1) and np.all(x == x[0]))
