@@ -16,6 +16,7 @@ shared cache had it or not, so seeds and methods are charged alike. Methods:
 
 Usage: .venv/bin/python benchmarks/search_quality.py --preset tiny [--methods paper,psomerge]
        [--budgets 40,100,200] [--seeds 3] [--json out.json]
+       .venv/bin/python benchmarks/search_quality.py --combine a.json b.json   (one table of several)
 The held-out split is read only by the final evaluation of each result; nothing is tuned on it.
 """
 
@@ -114,11 +115,16 @@ def main() -> None:
     ap.add_argument("--budgets", default="40,100,200")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                    help="print one table from the --json files of several studies, and exit")
     ap.add_argument("--spec", default="{}", help="preset build settings as JSON (TinySpec / SmolSpec fields)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override a run-config key for every method, e.g. basis.granularity='\"layer\"'; "
                          "suites.*.KEY sets KEY in every suite")
     args = ap.parse_args()
+    if args.combine:
+        print_table(combine(args.combine))
+        return
     budgets = [int(b) for b in args.budgets.split(",")]
     from psomerge.config import RunConfig
 
@@ -157,7 +163,8 @@ def main() -> None:
                 f"@{b}: {results['methods'][method][str(b)][-1]['heldout']:.3f}" for b in budgets)
                 + f"  ({seconds:.0f}s, {len(recorder.log)} evaluations)", flush=True)
     _reference_rows(results, reference, base)
-    print_table(results, reference)
+    results["weights"] = {s.name: s.weight for s in reference.suites}
+    print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results))
 
@@ -235,8 +242,20 @@ def _reference_rows(results: dict, ctx: RunContext, base: dict) -> None:
         results["rows"][name] = {"heldout": r.fitness, "scores": r.scores, "scored": r.scored}
 
 
-def print_table(results: dict, ctx: RunContext) -> None:
-    weights = {s.name: s.weight for s in ctx.suites}
+def combine(paths: list[Path]) -> dict:
+    """One study from several (e.g. methods run in separate processes over the same preset):
+    the reference rows of the first, every method of each."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    out = parts[0]
+    for part in parts[1:]:
+        if part["rows"].keys() != out["rows"].keys() or part["preset"] != out["preset"]:
+            raise SystemExit(f"cannot combine studies of other presets or rows: {paths}")
+        out["methods"].update(part["methods"])
+    return out
+
+
+def print_table(results: dict) -> None:
+    weights = results["weights"]
     suites = list(weights)
     print(f"\nheld-out weighted mean, {results['preset']} preset; searches: mean over seeds (sd), 95% bootstrap "
           "CI over examples of the seed-averaged scores; evaluations and examples scored (mean over seeds)")
