@@ -6,7 +6,7 @@ import torch
 from psomerge.merging.consensus import agreement_mask, elect_sign
 from psomerge.merging.methods import METHODS, MergeOptions, ModelParams, get_method
 from psomerge.merging.sparsify import dare, della, magnitude_topk
-from psomerge.merging.task_vectors import generator, tensor_seed
+from psomerge.merging.task_vectors import seeded_rng, tensor_seed
 from psomerge.errors import ConfigError
 
 T = torch.tensor
@@ -15,7 +15,7 @@ T = torch.tensor
 def merge(name, base, tensors, params, **opts):
     method = get_method(name)
     options = MergeOptions(**{"normalize": method.default_normalize, **opts})
-    gens = [generator(0, i, "t") for i in range(len(tensors))]
+    gens = [seeded_rng(0, i, "t") for i in range(len(tensors))]
     return method.merge(base, tensors, params, options, gens)
 
 
@@ -96,23 +96,23 @@ def test_int8_mask_changes_memory_not_results():
 
 def test_dare_drop_and_inverse_rescale():
     delta = torch.arange(1.0, 1001.0)
-    assert torch.equal(dare(delta, 0.0, generator(0, "x")), delta)  # p = 0: identity
-    out = dare(delta, 0.8, generator(0, "x"))
+    assert torch.equal(dare(delta, 0.0, seeded_rng(0, "x")), delta)  # p = 0: identity
+    out = dare(delta, 0.8, seeded_rng(0, "x"))
     kept = out != 0
     assert torch.allclose(out[kept], delta[kept] * 5.0)  # 1 / (1 - 0.8)
     assert 0.15 < kept.float().mean() < 0.25
-    again = dare(delta, 0.8, generator(0, "x"))
+    again = dare(delta, 0.8, seeded_rng(0, "x"))
     assert torch.equal(out, again)  # seeded: reproducible
-    assert not torch.equal(out, dare(delta, 0.8, generator(0, "y")))
-    l1 = dare(delta, 0.8, generator(0, "x"), rescale="l1")
+    assert not torch.equal(out, dare(delta, 0.8, seeded_rng(0, "y")))
+    l1 = dare(delta, 0.8, seeded_rng(0, "x"), rescale="l1")
     assert torch.isclose(l1.abs().sum(), delta.abs().sum())
     with pytest.raises(ValueError):
-        dare(delta, 1.0, generator(0, "x"))
+        dare(delta, 1.0, seeded_rng(0, "x"))
 
 
 def test_dare_is_unbiased():
     delta = torch.full((200_000,), 0.5)
-    assert abs(dare(delta, 0.8, generator(1, "u")).mean().item() - 0.5) < 0.01
+    assert abs(dare(delta, 0.8, seeded_rng(1, "u")).mean().item() - 0.5) < 0.01
 
 
 def test_tensor_seed_is_order_independent_and_stable():
@@ -133,16 +133,16 @@ def test_dare_methods_merge_rescaled_survivors():
 def test_della_rescales_by_keep_probability_and_favours_large_entries():
     torch.manual_seed(0)
     delta = torch.linspace(0.01, 1.0, 10_000).reshape(10, 1000)
-    out = della(delta, density=0.5, epsilon=0.4, generator=generator(0, "d"))
+    out = della(delta, density=0.5, epsilon=0.4, generator=seeded_rng(0, "d"))
     kept = out != 0
     ranks = torch.arange(1000).float() / 999
     probs = (0.1 + 0.8 * ranks).expand(10, 1000)
     assert torch.allclose(out[kept], (delta / probs)[kept])
     low, high = kept[:, :200].float().mean(), kept[:, -200:].float().mean()
     assert low < 0.3 and high > 0.7
-    assert torch.equal(della(delta, 1.0, 0.1, generator(0, "d")), delta)
+    assert torch.equal(della(delta, 1.0, 0.1, seeded_rng(0, "d")), delta)
     with pytest.raises(ValueError, match="epsilon"):
-        della(delta, 0.5, 0.6, generator(0, "d"))
+        della(delta, 0.5, 0.6, seeded_rng(0, "d"))
 
 
 def test_registry_is_explicit_and_errors_name_known_methods():

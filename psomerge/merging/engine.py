@@ -18,7 +18,7 @@ from psomerge.io import check_compatible, check_finite, open_model, write_checkp
 from psomerge.io.vocab import align_vocabularies
 from psomerge.io.writer import DEFAULT_SHARD_BYTES
 from psomerge.merging.recipe import MergeRecipe
-from psomerge.merging.task_vectors import generator
+from psomerge.merging.task_vectors import seeded_rng
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def run_merge(
         if base is not None:
             check_finite(ref_tensor, base.name, name)
         params = [recipe.model_params(i, name) for i, _ in merged]
-        gens = [generator(recipe.seed, i, name) for i, _ in merged]  # by position: paths may move
+        gens = [seeded_rng(recipe.seed, i, name) for i, _ in merged]  # by position: paths may move
         return method.merge(ref_tensor if base is not None else None, tensors, params, recipe.options(name), gens)
 
     log.info("merging %d tensors of %d model(s) with %s", len(reference.tensor_names), len(ckpts), method.name)

@@ -22,5 +22,5 @@ def tensor_seed(seed: int, *keys: object) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def generator(seed: int, *keys: object) -> torch.Generator:
+def seeded_rng(seed: int, *keys: object) -> torch.Generator:
     return torch.Generator().manual_seed(tensor_seed(seed, *keys))

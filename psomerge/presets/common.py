@@ -16,7 +16,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from psomerge.hashing import digest
-from psomerge.presets.tiny_tasks import Generator
+from psomerge.presets.tiny_tasks import ExampleMaker
 
 
 def build_key(spec, version: int) -> str:
@@ -83,7 +83,7 @@ def point_current(root: Path) -> None:
 def train(
     model: LlamaForCausalLM,
     tokenizer,
-    mix: list[tuple[Generator, float]],
+    mix: list[tuple[ExampleMaker, float]],
     steps: int,
     lr: float,
     batch_size: int,

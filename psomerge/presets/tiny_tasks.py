@@ -7,7 +7,7 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
-Generator = Callable[[random.Random], tuple[str, str]]  # -> (question, answer)
+ExampleMaker = Callable[[random.Random], tuple[str, str]]  # -> (question, answer)
 
 
 def _letters(rng: random.Random, lo: int, hi: int) -> str:
@@ -18,28 +18,28 @@ def _digits(rng: random.Random, lo: int, hi: int) -> str:
     return "".join(rng.choice(string.digits) for _ in range(rng.randint(lo, hi)))
 
 
-def addition(lo: int, hi: int) -> Generator:
+def addition(lo: int, hi: int) -> ExampleMaker:
     def gen(rng: random.Random) -> tuple[str, str]:
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
         return f"add {a}+{b}=", str(a + b)
     return gen
 
 
-def reversal(lo: int, hi: int) -> Generator:
+def reversal(lo: int, hi: int) -> ExampleMaker:
     def gen(rng: random.Random) -> tuple[str, str]:
         s = _letters(rng, lo, hi)
         return f"rev {s}=", s[::-1]
     return gen
 
 
-def digit_sort(lo: int, hi: int) -> Generator:
+def digit_sort(lo: int, hi: int) -> ExampleMaker:
     def gen(rng: random.Random) -> tuple[str, str]:
         s = _digits(rng, lo, hi)
         return f"sort {s}=", "".join(sorted(s))
     return gen
 
 
-def copy(lo: int, hi: int) -> Generator:
+def copy(lo: int, hi: int) -> ExampleMaker:
     def gen(rng: random.Random) -> tuple[str, str]:
         s = _letters(rng, lo, hi) if rng.random() < 0.5 else _digits(rng, lo, hi)
         return f"copy {s}=", s
@@ -54,8 +54,8 @@ class DemoTask:
     is what makes merging them meaningful."""
 
     name: str
-    hard: Generator
-    easy: Generator
+    hard: ExampleMaker
+    easy: ExampleMaker
     pretrain_share: float  # share of pretraining drawn from ``hard``: tuned so the base is weak, not blind
 
 
@@ -69,7 +69,7 @@ DEMO_TASKS: tuple[DemoTask, ...] = (
 ALPHABET = string.digits + string.ascii_lowercase + " +="
 
 
-def unique_examples(gen: Generator, n: int, seed: int, exclude: set[str] = frozenset()) -> list[tuple[str, str]]:
+def unique_examples(gen: ExampleMaker, n: int, seed: int, exclude: set[str] = frozenset()) -> list[tuple[str, str]]:
     """n distinct (question, answer) pairs, none of whose questions is in ``exclude``."""
     rng = random.Random(seed)
     seen: set[str] = set(exclude)

@@ -3,7 +3,7 @@
 A DARE member is ``theta0 + m * (theta_i - theta0) / (1 - p)``: beyond the base and the expert
 the basis already holds, all it adds is the mask ``m``, one bit per parameter. The bits are
 drawn exactly as ``merging.sparsify.dare`` draws them (``dare_mask`` with
-``generator(seed, expert fingerprint, tensor name)``), packed little-endian (bit j of byte k
+``seeded_rng(seed, expert fingerprint, tensor name)``), packed little-endian (bit j of byte k
 is entry 8k + j of the flattened tensor) and written once per (base, expert, p, seed) as a
 safetensors file of uint8 tensors, one per floating tensor of the base.
 """
@@ -25,7 +25,7 @@ from psomerge.hashing import digest
 from psomerge.io import Model, StreamingSafetensorsWriter, check_finite
 from psomerge.io.checkpoint import SAFETENSORS_SINGLE, tensor_spans
 from psomerge.merging.sparsify import dare_mask
-from psomerge.merging.task_vectors import generator
+from psomerge.merging.task_vectors import seeded_rng
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def _write_masks(folder: Path, expert: Model, names: Sequence[str], tag: str, dr
             for name in names:
                 check_finite(expert.get(name), expert.name, name)  # as the dense DARE writer did
                 writer.write(name, pack_bits(dare_mask(expert.info(name).shape, drop_rate,
-                                                       generator(seed, tag, name))))
+                                                       seeded_rng(seed, tag, name))))
                 if on_tensor:
                     on_tensor(name)
         expert.close()
