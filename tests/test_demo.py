@@ -26,10 +26,14 @@ def test_demo_experts_beat_base_and_merging_is_meaningful():
     base = rows["base"]
     for task in spec.tasks:
         expert = rows[f"expert:{task}"]
-        # each expert clearly beats the base on its own task
-        assert expert.scores[task] >= base.scores[task] + 0.2, (task, expert.scores, base.scores)
-    # a plain average of the experts does not collapse to ~0 on every task
-    assert max(rows["average"].scores.values()) >= 0.2, rows["average"].scores
+        # each expert beats the base on its own task, beyond the noise of 180 held-out examples
+        assert expert.scores[task] >= base.scores[task] + 0.05, (task, expert.scores, base.scores)
+    # merging is meaningful: every static merge keeps something of each expert (none collapses
+    # on a task below the base), and the best static merge beats every single expert on the mean
+    for name in STATIC_BASELINES:
+        assert all(rows[name].scores[t] >= base.scores[t] - 0.1 for t in spec.tasks), (name, rows[name].scores)
+    best_static = max(rows[name].fitness for name in STATIC_BASELINES)
+    assert best_static > max(rows[f"expert:{t}"].fitness for t in spec.tasks) + 0.02
     assert set(STATIC_BASELINES) <= set(rows)
 
     # the second build is a cache hit
