@@ -10,6 +10,9 @@ shared cache had it or not, so seeds and methods are charged alike. Methods:
   paper         PSO-Merging as published (2N+1 one-hot particles, w=0.2, c1=c2=2, the judge)
   psomerge      psomerge's default search (preset psomerge: CMA-ES from warm starts at the
                 static merges, model selection on the validation split)
+  psomerge_local  the same with CMA-ES's initial step 0.1 (0.3 by default): a local search
+                around the best warm start
+  psomerge_mixed  the same with exact match + answer likelihood (weights 1, 1) as fitness
   psomerge_pso  the same with PSO as its optimiser, and racing; psomerge_pso_no_racing without racing
   model_swarms  Model Swarms, cmaes  CMA-ES, random  random search, ta_grid  task-arithmetic
                 scale grid (these four with the same fitness as paper, no warm start)
@@ -44,7 +47,8 @@ from psomerge.swarm import member_coefficients  # noqa: E402
 from psomerge.swarm.selection import choose, selection_candidates  # noqa: E402
 from psomerge.swarm.warm_start import warm_starts  # noqa: E402
 
-METHODS = ("paper", "psomerge", "psomerge_pso", "psomerge_pso_no_racing", "model_swarms", "cmaes", "random",
+METHODS = ("paper", "psomerge", "psomerge_local", "psomerge_mixed",
+           "psomerge_pso", "psomerge_pso_no_racing", "model_swarms", "cmaes", "random",
            "ta_grid")
 
 
@@ -94,6 +98,13 @@ def method_config(base: dict, method: str, budget: int, seed: int) -> dict:
             s.pop("fitness", None)
     elif method == "psomerge":  # the preset's default optimiser (CMA-ES) from the warm starts, with selection
         cfg["optimizer"] = {"type": "cmaes", "budget": budget, "seed": seed}
+    elif method == "psomerge_local":  # the same, searching closer to the best warm start (CMA-ES step 0.1)
+        cfg["optimizer"] = {"type": "cmaes", "budget": budget, "seed": seed, "sigma0": 0.1}
+    elif method == "psomerge_mixed":  # the same, with the smooth fitness: exact match + answer likelihood
+        cfg["optimizer"] = {"type": "cmaes", "budget": budget, "seed": seed}
+        for s in cfg["suites"]:
+            s["fitness"] = [{"scorer": "judge", "weight": 1.0},
+                            {"scorer": {"type": "answer_likelihood"}, "weight": 1.0}]
     elif method in ("psomerge_pso", "psomerge_pso_no_racing"):  # PSO from the warm starts; the racing ablation
         cfg["optimizer"] = {"type": "pso", "steps": k_steps, "seed": seed}
         cfg["racing"] = {} if method == "psomerge_pso" else None
@@ -139,7 +150,8 @@ def main() -> None:
             if method == "ta_grid" and seed > 0:
                 continue  # deterministic: one run
             cfg = RunConfig.from_dict(method_config(base, method, max_budget, seed), source=f"<study {method}>")
-            key = cfg.model_dump_json(include={"base", "experts", "suites", "basis", "generation", "warm_start", "racing"})
+            key = cfg.model_dump_json(include={"base", "experts", "suites", "basis", "generation", "warm_start",
+                                               "racing"})
             if key not in contexts:
                 contexts[key] = RunContext(cfg)
             ctx = contexts[key]
