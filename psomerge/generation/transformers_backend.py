@@ -11,6 +11,9 @@ from collections.abc import Sequence
 import torch
 
 from psomerge.generation.protocol import Continuation, GenerationStats, cut_at_stop, encode_continuations
+from psomerge.generation.settings import TransformersSettings
+
+_DEFAULT = TransformersSettings()  # one default per setting: the run config's
 
 
 class TransformersGenerator:
@@ -21,9 +24,9 @@ class TransformersGenerator:
         model,
         tokenizer,
         *,
-        batch_size: int = 64,
-        max_new_tokens: int = 16,
-        stop: Sequence[str] = ("\n",),
+        batch_size: int = _DEFAULT.batch_size,
+        max_new_tokens: int = _DEFAULT.max_new_tokens,
+        stop: Sequence[str] = tuple(_DEFAULT.stop),
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer

@@ -47,9 +47,11 @@ from psomerge.io import Checkpoint
 from psomerge.io.checkpoint import DTYPES
 from psomerge.io.shared_weights import SharedWeights
 from psomerge.generation.protocol import Continuation, GenerationStats, cut_at_stop, encode_continuations
+from psomerge.generation.settings import VLLMEngineSettings, VLLMSettings
 from psomerge.generation.vllm_env import vllm_env, vllm_python
 
 log = logging.getLogger(__name__)
+_DECODING, _ENGINE = VLLMSettings(), VLLMEngineSettings()  # one default per setting: the run config's
 WORKER_SCRIPT = Path(__file__).with_name("vllm_worker.py")
 
 
@@ -80,19 +82,19 @@ class VLLMGenerator:
         self,
         model_path: str | Path,
         *,
-        max_new_tokens: int = 16,
-        stop: Sequence[str] = ("\n",),
-        python: str | None = None,
-        dtype: str = "auto",
-        memory_fraction: float = 0.2,
-        max_model_len: int | None = None,
-        enforce_eager: bool = True,
+        max_new_tokens: int = _DECODING.max_new_tokens,
+        stop: Sequence[str] = tuple(_DECODING.stop),
+        python: str | None = _ENGINE.python,
+        dtype: str = _ENGINE.dtype,
+        memory_fraction: float = _ENGINE.memory_fraction,
+        max_model_len: int | None = _ENGINE.max_model_len,
+        enforce_eager: bool = _ENGINE.enforce_eager,
         seed: int = 0,
         engine_args: dict[str, Any] | None = None,
-        startup_timeout: float = 900.0,
+        startup_timeout: float = _ENGINE.startup_timeout,
         request_timeout: float = 3600.0,
-        weight_update: str = "auto",
-        cpu_linear: str = "packed",
+        weight_update: str = _ENGINE.weight_update,
+        cpu_linear: str = _ENGINE.cpu_linear,
     ):
         self.model_path = Path(model_path)
         self.max_new_tokens = max_new_tokens
