@@ -26,7 +26,9 @@ class WarmStartSettings(StrictModel):
     # single expert too, and model selection can keep one where no merge beats it
     experts: bool = True
     task_arithmetic: list[float] = Field(default_factory=lambda: [0.7, 1.0])  # lambdas
-    members: list[str] = Field(default_factory=lambda: ["ties", "dare_ties", "della"])
+    # every static baseline that is not a point of the space, so the search starts at least at
+    # the best of all the static merges a report shows (one model copy each)
+    members: list[str] = Field(default_factory=lambda: ["ties", "dare_ties", "della", "dare_linear"])
 
     @field_validator("members")
     @classmethod
