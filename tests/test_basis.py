@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from psomerge.errors import CheckpointError, ConfigError
 from psomerge.io import Checkpoint, write_checkpoint
 from psomerge.merging.sparsify import dare, dare_mask
-from psomerge.merging.task_vectors import generator, task_vector
+from psomerge.merging.task_vectors import seeded_rng, task_vector
 from psomerge.presets.synthetic import llama_config, make_family
 from psomerge.swarm import BasisSettings, build_basis
 from psomerge.swarm.basis import Basis
@@ -26,7 +26,7 @@ def todays_members(base, experts, name, seed=SEED, p=P):
     b = Checkpoint(base)
     es = [Checkpoint(e) for e in experts]
     theta0 = b.get(name).float()
-    dares = [theta0 + dare(task_vector(e.get(name), b.get(name)), p, generator(seed, e.fingerprint(), name))
+    dares = [theta0 + dare(task_vector(e.get(name), b.get(name)), p, seeded_rng(seed, e.fingerprint(), name))
              for e in es]
     return [theta0, *(e.get(name).float() for e in es), *dares]
 
@@ -51,7 +51,7 @@ def test_masks_are_todays_dare_draws(tmp_path, family):
         ck = Checkpoint(expert)
         for name in basis.names:
             shape = ck.info(name).shape
-            drawn = dare_mask(shape, P, generator(SEED, ck.fingerprint(), name))
+            drawn = dare_mask(shape, P, seeded_rng(SEED, ck.fingerprint(), name))
             bits = basis.masks[i].bits(name)
             assert bits.numel() == packed_size(drawn.numel())
             assert torch.equal(unpack_bits(bits, drawn.numel()).reshape(shape), drawn), (expert, name)
