@@ -27,14 +27,11 @@ Imports: torch at module level; vLLM and psomerge.io inside the functions that n
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-
-log = logging.getLogger(__name__)
 
 
 def keep_cpu_linear_weights() -> None:

@@ -18,7 +18,8 @@ from psomerge.yamlconfig import StrictModel
 
 class SelectionSettings(StrictModel):
     candidates: int = Field(4, ge=1)  # the search's best distinct particles scored on the validation split
-    include_start: bool = True  # plus the best warm start (a static merge or an expert): the choice is never worse on validation
+    # plus the best warm start (a static merge or an expert): the choice is never worse on validation
+    include_start: bool = True
     # plus the mean of the candidates' coefficients (a point of the space, so exact): averaging good
     # nearby solutions, as model soups do, cancels part of what each fitted to the search split's noise
     soup: bool = True
