@@ -604,7 +604,11 @@ def test_prefect_task_cache_keeps_a_raced_particle_flagged(tmp_path, home, char_
             target = (1.0, member_coefficients(info.k, info.groups, 1))  # perfect: the base surely cannot beat it
             return scoring.score([base], [target])[0], scoring.score([base], [target])[0]
 
-    first, again = race_twice()
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    # results of this test's own: the task cache must answer the second call, never the first
+    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(tmp_path / "prefect-results")}):
+        first, again = race_twice()
     assert first.raced and first.scored and first.fitness < 1.0
     assert again.task_cached and not again.scored
     assert again.raced and again.fitness == first.fitness
