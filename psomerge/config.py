@@ -25,7 +25,7 @@ from psomerge.evaluation.suite import SuiteSettings
 from psomerge.generation.settings import GenerationSettings, TransformersSettings, VLLMSettings
 from psomerge.merging.baselines import STATIC_BASELINES
 from psomerge.swarm.basis import BasisSettings
-from psomerge.swarm.optimizers import OptimizerChoice
+from psomerge.swarm.optimizers import RACING_OPTIMIZERS, OptimizerChoice
 from psomerge.swarm.pso import PSOSettings
 from psomerge.swarm.racing import RacingSettings
 from psomerge.swarm.selection import SelectionSettings
@@ -66,8 +66,6 @@ class RegistrySettings(StrictModel):
 # preset psomerge's optimizer where a config names none: in the budget study (BENCHMARKS.md) CMA-ES
 # from the warm starts chose merges that scored higher on the validation split than PSO from them
 PSOMERGE_OPTIMIZER = "cmaes"
-# optimisers that give each particle a fitness to beat (optimizer.targets), which racing needs
-RACING_OPTIMIZERS = ("pso", "model_swarms", "random")
 
 
 class RunConfig(StrictModel):
@@ -114,7 +112,7 @@ class RunConfig(StrictModel):
             data["optimizer"] = {"type": PSOMERGE_OPTIMIZER, **(optimizer or {})}
         defaults = {key: {} for key in options}
         if _optimizer_type(data) not in RACING_OPTIMIZERS:
-            defaults["racing"] = None  # CMA-ES ranks every particle: nothing to race against
+            defaults["racing"] = None  # the task-arithmetic grid uses every point's full fitness
         return {**defaults, **data}
 
     @model_validator(mode="after")

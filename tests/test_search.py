@@ -266,13 +266,15 @@ def test_psomerge_preset_defaults_to_cmaes_from_every_warm_start(char_family):
     base = {"base": str(root / "base"), "experts": [str(e) for e in experts],
             "suites": [{"name": "addition", "dataset": str(data["addition"]), "optimisation_size": 8}]}
     cfg = RunConfig.from_dict(base)
-    assert cfg.optimizer.type == "cmaes" and cfg.racing is None and cfg.warm_start is not None
+    assert cfg.optimizer.type == "cmaes" and cfg.racing is not None and cfg.warm_start is not None
     assert RunConfig.from_dict({**base, "optimizer": {"budget": 30}}).optimizer.type == "cmaes"
     assert RunConfig.from_dict({**base, "preset": "paper"}).optimizer.type == "pso"
     pso = RunConfig.from_dict({**base, "optimizer": {"type": "pso"}})
     assert pso.racing is not None  # PSO races particles against their personal bests
-    with pytest.raises(ConfigError, match="racing does not apply to optimizer 'cmaes'"):
-        RunConfig.from_dict({**base, "racing": {}})
+    grid = {**base, "optimizer": {"type": "ta_grid"}}
+    assert RunConfig.from_dict(grid).racing is None  # the grid uses every point's full fitness
+    with pytest.raises(ConfigError, match="racing does not apply to optimizer 'ta_grid'"):
+        RunConfig.from_dict({**grid, "racing": {}})
     # CMA-ES starts at the linear merges and, one-hot, at each expert and each static merge
     # joined to the basis; a swarm, which has a particle at every member, takes only the linear ones
     from psomerge.swarm.warm_start import warm_starts
@@ -324,3 +326,73 @@ def test_psomerge_preset_warm_starts_races_and_selects_on_validation(char_family
     assert all(r.validation is not None for r in run.rows)
     # racing: examples scored are fewer than full evaluations would have been (12 x 2 per scoring)
     assert run.counts.examples_scored <= run.counts.scorings * 24
+
+
+def test_cmaes_races_proposals_against_the_best_so_far_after_the_warm_starts():
+    from psomerge.swarm.cmaes import CMAES, CMAESSettings
+
+    starts = [np.array([[0.5, 0.5, 0.0]]), np.array([[0.0, 1.0, 0.0]])]
+    es = CMAES(3, 1, CMAESSettings(budget=20, popsize=4), starts=starts)
+    first = es.ask()
+    assert es.targets() == [None, None]  # the warm starts are scored in full: the best seeds the search
+    es.tell(first, [0.4, 0.7])
+    proposals = es.ask()
+    targets = es.targets()
+    assert len(targets) == len(proposals) == 4
+    assert all(t[0] == 0.7 and np.array_equal(t[1], starts[1]) for t in targets)
+    # without warm starts, the first population has nothing to beat yet
+    cold = CMAES(3, 1, CMAESSettings(budget=20, popsize=4))
+    cold.ask()
+    assert cold.targets() == [None] * 4
+
+
+def test_cmaes_spends_its_whole_budget():
+    from psomerge.swarm.cmaes import CMAES, CMAESSettings
+
+    # 2 warm starts + 3 whole generations of 4 + a last one cut to the 2 evaluations left
+    es = CMAES(3, 1, CMAESSettings(budget=16, popsize=4), starts=[np.eye(3)[[0]], np.eye(3)[[1]]])
+    sizes = []
+    result = run_optimizer(es, lambda x: sizes.append(1) or CachedFitness(-float(((x - 0.3) ** 2).sum()), {}, {}))
+    assert result.evaluations == len(sizes) == 16
+    assert [h["evaluations"] for h in es.history] == [2, 6, 10, 14, 16]
+
+
+def test_default_search_races_cmaes_proposals_and_keeps_the_best_complete(char_family, tmp_path, monkeypatch):
+    from psomerge.config import RunConfig
+    from psomerge.pipeline import run_swarm
+
+    root, experts, data = char_family
+    monkeypatch.setenv("PSOMERGE_HOME", str(tmp_path))
+    cfg = RunConfig.from_dict({
+        "name": "cmaes-racing", "base": str(root / "base"), "experts": [str(e) for e in experts],
+        "suites": [{"name": n, "dataset": str(p), "optimisation_size": 24, "validation_size": 8, "heldout_size": 8,
+                    "judge": {"type": "exact_match", "normalizer": "none"},
+                    "fitness": [{"scorer": {"type": "answer_likelihood", "append_eos": True}, "weight": 1.0}]}
+                   for n, p in data.items()],
+        "generation": {"max_new_tokens": 6, "batch_size": 64},
+        "optimizer": {"budget": 30, "sigma0": 1.0},
+        "warm_start": {"members": [], "task_arithmetic": [1.0]},
+        "racing": {"chunk": 4, "min_examples": 4, "confidence": 0.8}, "baselines": [],
+        "output_dir": str(tmp_path / "run"),
+    })
+    assert cfg.optimizer.type == "cmaes"
+    run = run_swarm(cfg)
+    full = 24 * 2  # examples of one complete scoring
+    assert run.counts.examples_scored < run.counts.scorings * full  # proposals were stopped early
+    # the same run again scores nothing: a raced particle asked again stops where its kept
+    # partial result stopped, a cache hit like a complete one
+    again = run_swarm(cfg.model_copy(update={"output_dir": tmp_path / "again"}))
+    assert again.counts.scorings == 0 and again.counts.examples_scored == 0
+    assert again.counts.cache_hits == again.counts.fitness_calls == run.counts.fitness_calls
+    assert np.array_equal(again.best_position, run.best_position)
+    # model selection's candidates carry complete search fitnesses, never a raced estimate
+    from psomerge.pipeline import RunContext
+
+    context = RunContext(cfg)
+    try:
+        for c in run.candidates:
+            if c.origin != "soup":
+                complete = context.score(c.position)  # no target: the whole split (from the cache)
+                assert not complete.raced and c.search_fitness == pytest.approx(complete.fitness)
+    finally:
+        context.close()

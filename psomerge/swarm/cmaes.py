@@ -58,18 +58,31 @@ class CMAES(Optimizer):
         if self.es is None:  # warm starts first: the search then starts at the best of them
             self._asked = list(self.starts)
             return self._asked
-        self._raw = self.es.ask()
+        # the last generation fills the budget exactly: a user who pays for 42 evaluations gets
+        # 42, not the 32 that whole generations of 11 would fit after 10 warm starts
+        self._raw = self.es.ask()[: self.settings.budget - self.evaluations]
         self._asked = [self._project(np.asarray(r)) for r in self._raw]
         return self._asked
+
+    def targets(self) -> list[tuple[float, np.ndarray] | None]:
+        """After the warm starts (each scored in full), a proposal that cannot beat the best so
+        far may be raced: CMA-ES then ranks it by its raced estimate, unbiased for its full
+        fitness, so the update is the same in expectation; one that could be a new best is
+        always scored in full."""
+        if self.es is None or self.best_position is None:
+            return [None] * len(self._asked)
+        return [(self.best_fitness, self.best_position)] * len(self._asked)
 
     def _tell(self, positions, fitness):
         if self.es is None:
             self.es = self._strategy(positions[int(np.argmax(fitness))].reshape(-1))
             return
+        if len(self._raw) < self.settings.popsize:
+            return  # a partial last generation: its particles count (the best, model selection), no update follows
         self.es.tell(self._raw, (-fitness).tolist())  # cma minimises
 
     def done(self) -> bool:
-        return self.evaluations + self.settings.popsize > self.settings.budget
+        return self.evaluations >= self.settings.budget
 
     def _extra_state(self):
         # CMA's covariance state has no JSON form; for G*K coefficients its pickle is a few KB

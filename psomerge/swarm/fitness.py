@@ -131,8 +131,11 @@ class ParticleEvaluator:
                 result = evaluate(r, self.suites, "optimisation", "fitness")
                 value, complete, scored = self._fitness(result), True, result.num_examples
         with self._lock:
-            self.counts.scorings += 1
-            self.counts.examples_scored += scored
+            if scored:
+                self.counts.scorings += 1
+                self.counts.examples_scored += scored
+            else:  # a raced particle asked again, stopped where its kept partial result stopped
+                self.counts.cache_hits += 1
         if complete and self.cache is not None:
             self.cache.put(key, value)
         return value

@@ -75,7 +75,8 @@ class Optimizer(ABC):
     def targets(self) -> list[tuple[float, np.ndarray] | None]:
         """For each position of the last ``ask()``: the fitness it must beat to change this
         optimiser's decisions and the position holding it (racing stops a particle that
-        cannot), or None where every fitness matters (e.g. CMA-ES ranks all of them)."""
+        cannot), or None where every fitness matters (the task-arithmetic grid reads each
+        point's). An optimiser that overrides this can be raced (``RACING_OPTIMIZERS``)."""
         return [None] * len(self._asked)
 
     _asked: list[np.ndarray] = []

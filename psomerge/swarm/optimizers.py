@@ -23,6 +23,9 @@ OPTIMIZERS = {
     "ta_grid": (ScaleGridSettings, ScaleGrid),
 }
 
+# optimisers that give a particle a fitness to beat (they override Optimizer.targets): racing applies to them
+RACING_OPTIMIZERS = tuple(name for name, (_, cls) in OPTIMIZERS.items() if cls.targets is not Optimizer.targets)
+
 OptimizerChoice = tagged_union({name: settings for name, (settings, _) in OPTIMIZERS.items()}, default="pso")
 
 

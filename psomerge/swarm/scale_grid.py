@@ -66,9 +66,6 @@ class ScaleGrid(Optimizer):
         self._asked = [task_arithmetic_position(self.k, self.groups, self.n_experts, s) for s in self.scales]
         return self._asked
 
-    def targets(self) -> list[tuple[float, np.ndarray] | None]:
-        return [None] * len(self._asked)
-
     def _tell(self, positions, fitness):
         pass
 
