@@ -26,7 +26,7 @@ def test_demo_experts_beat_base_and_merging_is_meaningful():
     base = rows["base"]
     for task in spec.tasks:
         expert = rows[f"expert:{task}"]
-        # each expert beats the base on its own task, beyond the noise of 180 held-out examples
+        # each expert beats the base on its own task, beyond the noise of 120 held-out examples
         assert expert.scores[task] >= base.scores[task] + 0.05, (task, expert.scores, base.scores)
     # merging is meaningful: every static merge keeps something of each expert (none collapses
     # on a task below the base), and the best static merge beats every single expert on the mean
