@@ -291,25 +291,29 @@ def test_psomerge_preset_defaults_to_cmaes_from_every_warm_start(char_family):
     assert [int(np.argmax(x)) for x in without[linear:]] == [5, 6]
 
 
+def char_run(char_family, tmp_path, *, name: str, sizes: tuple[int, int, int], fitness: list, **settings) -> dict:
+    """A run config over the character-level test family: one exact-match suite per task with
+    (optimisation, validation, held-out) ``sizes`` and ``fitness`` terms, plus ``settings``."""
+    root, experts, data = char_family
+    opt, val, held = sizes
+    return {"name": name, "base": str(root / "base"), "experts": [str(e) for e in experts],
+            "suites": [{"name": n, "dataset": str(p), "optimisation_size": opt, "validation_size": val,
+                        "heldout_size": held, "judge": {"type": "exact_match", "normalizer": "none"},
+                        "fitness": fitness} for n, p in data.items()],
+            "generation": {"max_new_tokens": 6, "batch_size": 64}, "output_dir": str(tmp_path / "run"), **settings}
+
+
 def test_psomerge_preset_warm_starts_races_and_selects_on_validation(char_family, tmp_path, monkeypatch):
     from psomerge.config import RunConfig
     from psomerge.pipeline import run_swarm
 
-    root, experts, data = char_family
     monkeypatch.setenv("PSOMERGE_HOME", str(tmp_path))
-    cfg = RunConfig.from_dict({
-        "name": "default", "base": str(root / "base"), "experts": [str(e) for e in experts],
-        "suites": [{"name": n, "dataset": str(p), "optimisation_size": 12, "validation_size": 8, "heldout_size": 16,
-                    "judge": {"type": "exact_match", "normalizer": "none"},
-                    "fitness": [{"scorer": "judge", "weight": 1.0},
-                                {"scorer": {"type": "answer_likelihood", "append_eos": True}, "weight": 1.0}]}
-                   for n, p in data.items()],
-        "generation": {"max_new_tokens": 6, "batch_size": 64},
-        "optimizer": {"type": "pso", "steps": 2},
-        "warm_start": {"members": ["ties"], "task_arithmetic": [0.8]},
-        "racing": {"chunk": 4, "min_examples": 4}, "baselines": ["ties"],
-        "output_dir": str(tmp_path / "run"),
-    })
+    likelihood = {"scorer": {"type": "answer_likelihood", "append_eos": True}, "weight": 1.0}
+    cfg = RunConfig.from_dict(char_run(
+        char_family, tmp_path, name="default", sizes=(12, 8, 16),
+        fitness=[{"scorer": "judge", "weight": 1.0}, likelihood],
+        optimizer={"type": "pso", "steps": 2}, warm_start={"members": ["ties"], "task_arithmetic": [0.8]},
+        racing={"chunk": 4, "min_examples": 4}, baselines=["ties"]))
     run = run_swarm(cfg)
     assert run.basis.labels[-1] == "merge:ties" and run.basis.k == 2 * 2 + 1 + 1
     # the paper's one-hot particles, plus the average and task arithmetic at 0.8: 8 a step
@@ -361,20 +365,12 @@ def test_default_search_races_cmaes_proposals_and_keeps_the_best_complete(char_f
     from psomerge.config import RunConfig
     from psomerge.pipeline import run_swarm
 
-    root, experts, data = char_family
     monkeypatch.setenv("PSOMERGE_HOME", str(tmp_path))
-    cfg = RunConfig.from_dict({
-        "name": "cmaes-racing", "base": str(root / "base"), "experts": [str(e) for e in experts],
-        "suites": [{"name": n, "dataset": str(p), "optimisation_size": 24, "validation_size": 8, "heldout_size": 8,
-                    "judge": {"type": "exact_match", "normalizer": "none"},
-                    "fitness": [{"scorer": {"type": "answer_likelihood", "append_eos": True}, "weight": 1.0}]}
-                   for n, p in data.items()],
-        "generation": {"max_new_tokens": 6, "batch_size": 64},
-        "optimizer": {"budget": 30, "sigma0": 1.0},
-        "warm_start": {"members": [], "task_arithmetic": [1.0]},
-        "racing": {"chunk": 4, "min_examples": 4, "confidence": 0.8}, "baselines": [],
-        "output_dir": str(tmp_path / "run"),
-    })
+    cfg = RunConfig.from_dict(char_run(
+        char_family, tmp_path, name="cmaes-racing", sizes=(24, 8, 8),
+        fitness=[{"scorer": {"type": "answer_likelihood", "append_eos": True}, "weight": 1.0}],
+        optimizer={"budget": 30, "sigma0": 1.0}, warm_start={"members": [], "task_arithmetic": [1.0]},
+        racing={"chunk": 4, "min_examples": 4, "confidence": 0.8}, baselines=[]))
     assert cfg.optimizer.type == "cmaes"
     run = run_swarm(cfg)
     full = 24 * 2  # examples of one complete scoring
