@@ -125,17 +125,18 @@ class ParticleEvaluator:
         racing = self.racing is not None and race is not None and np.isfinite(race.target)
         with self.resident() as r:
             load_particle(r, self.basis, coeffs)
+            resumed = False
             if racing:
-                value, complete, scored = self._race(r, key, race)
+                value, complete, scored, resumed = self._race(r, key, race)
             else:
                 result = evaluate(r, self.suites, "optimisation", "fitness")
                 value, complete, scored = self._fitness(result), True, result.num_examples
         with self._lock:
-            if scored:
+            if resumed and not scored:  # a raced particle asked again, stopped where its kept partial result stopped
+                self.counts.cache_hits += 1
+            else:
                 self.counts.scorings += 1
                 self.counts.examples_scored += scored
-            else:  # a raced particle asked again, stopped where its kept partial result stopped
-                self.counts.cache_hits += 1
         if complete and self.cache is not None:
             self.cache.put(key, value)
         return value
@@ -143,10 +144,10 @@ class ParticleEvaluator:
     def _fitness(self, result: EvalResult) -> CachedFitness:
         return CachedFitness(result.fitness, result.scores, {"examples": result.num_examples, "scored": result.scored})
 
-    def _race(self, resident: Generator, key: str, race: Race) -> tuple[CachedFitness, bool, int]:
+    def _race(self, resident: Generator, key: str, race: Race) -> tuple[CachedFitness, bool, int, bool]:
         """Score chunk after chunk until the particle is complete or cannot beat the target.
-        Returns (fitness, complete, examples scored by this call); a partial result is kept
-        so a later request continues where this one stopped."""
+        Returns (fitness, complete, examples scored by this call, whether it went on from a
+        kept partial result); a partial result is kept so a later request continues there."""
         settings = self.racing
         sizes = {s.name: len(s.split("optimisation")) for s in self.suites}
         weights = {s.name: s.weight for s in self.suites}
@@ -165,17 +166,19 @@ class ParticleEvaluator:
                 seen[s] += result.scored[s]
             scored += result.num_examples
         complete = all(len(seen[s]) == sizes[s] for s in sizes)
+        resumed = partial is not None
         means = {s: sum(v) / len(v) if v else 0.0 for s, v in seen.items()}
         n = sum(len(v) for v in seen.values())
         if complete:
-            return CachedFitness(weighted_mean(means, self.suites), means, {"examples": n, "scored": seen}), True, scored
+            full = CachedFitness(weighted_mean(means, self.suites), means, {"examples": n, "scored": seen})
+            return full, True, scored, resumed
         if target_values is not None:
             fitness, _ = estimate(seen, sizes, weights, target_values, race.target)
         else:
             fitness = weighted_mean(means, self.suites)
         if self.cache is not None:
             self.cache.put_latest(key + ":partial", CachedFitness(fitness, means, {"examples": n, "scored": seen}))
-        return CachedFitness(fitness, means, {"examples": n, "scored": seen, "raced": True}), False, scored
+        return CachedFitness(fitness, means, {"examples": n, "scored": seen, "raced": True}), False, scored, resumed
 
     def evaluate(self, coeffs: np.ndarray, split: Split) -> EvalResult:
         """Scores of a particle on a split, cached like fitness (not counted as a fitness call)."""
