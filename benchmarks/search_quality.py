@@ -184,11 +184,22 @@ def main() -> None:
             print(f"{method:13s} seed {seed}: " + "  ".join(
                 f"@{b}: {results['methods'][method][str(b)][-1]['heldout']:.3f}" for b in budgets)
                 + f"  ({seconds:.0f}s, {len(recorder.log)} evaluations)", flush=True)
-    _reference_rows(results, reference, base)
-    results["weights"] = {s.name: s.weight for s in reference.suites}
+            if args.json:  # after every run: an interrupted study keeps the runs it finished
+                _write(args.json, results, reference, base)
+    if not results["rows"]:
+        _reference_rows(results, reference, base)
+        results["weights"] = {s.name: s.weight for s in reference.suites}
     print_table(results)
     if args.json:
-        args.json.write_text(json.dumps(results))
+        _write(args.json, results, reference, base)
+
+
+def _write(path: Path, results: dict, reference: RunContext, base: dict) -> None:
+    """The study so far as JSON (the reference rows scored once, on the first write)."""
+    if not results["rows"]:
+        _reference_rows(results, reference, base)
+        results["weights"] = {s.name: s.weight for s in reference.suites}
+    path.write_text(json.dumps(results))
 
 
 def base_config(preset: str, spec: str = "{}") -> dict:
