@@ -40,8 +40,13 @@ demo: $(STAMP)
 demo-smollm2: $(STAMP)
 	$(VENV)/bin/psomerge demo --preset smollm2
 
+# Two pytest workers (pytest-xdist): many tests wait on servers and subprocesses. One torch
+# thread per worker, so the two share 2 cores instead of oversubscribing them.
+TEST_WORKERS ?= 2
+TEST_THREADS ?= 1
 test: $(STAMP)
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$(TEST_THREADS) NUMBA_NUM_THREADS=$(TEST_THREADS) \
+	    $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
