@@ -136,7 +136,8 @@ def main() -> None:
             tf = bench_transformers(base, dtype, ps, args.reps)
             vl = bench_vllm(base, experts, dtype_name, ps, args.reps)
             push = vl["materialise_s"] + vl["reload_s"]
-            print(f"  {dtype_name:8}  transformers {tf['tok_s']:8.0f} tok/s | vLLM ({vl['device']}) {vl['tok_s']:8.0f} tok/s"
+            print(f"  {dtype_name:8}  transformers {tf['tok_s']:8.0f} tok/s"
+                  f" | vLLM ({vl['device']}) {vl['tok_s']:8.0f} tok/s"
                   f" | vLLM engine start {vl['start_s']:6.2f} s vs particle push {push * 1e3:7.1f} ms"
                   f" (materialise {vl['materialise_s'] * 1e3:.1f} + reload {vl['reload_s'] * 1e3:.1f})"
                   f" = {vl['start_s'] / push:,.0f}x", flush=True)

@@ -62,7 +62,7 @@ def child(mode: str, config: Path, home: Path, runs: int = 1) -> dict:
     env["PSOMERGE_HOME"] = str(home)
     out = subprocess.run([sys.executable, "-c", CHILD, mode, str(config), str(runs)], env=env,
                          capture_output=True, text=True, check=False)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT")), None)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")), None)
     if line is None:
         raise SystemExit(f"{mode} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
     return json.loads(line.removeprefix("RESULT"))

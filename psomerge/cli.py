@@ -153,9 +153,11 @@ def merge(
 
 @app.command()
 def demo(
-    data_dir: Annotated[Optional[Path], typer.Option(help="where demo models and caches live (default $PSOMERGE_HOME or ./.psomerge)")] = None,
-    preset: Annotated[str, typer.Option(help="tiny: char-level experts built in ~4 min; smollm2: SmolLM2-135M-Instruct "
-                                             "and two experts fine-tuned on real data (~25 min on 2 CPU cores)")] = "tiny",
+    data_dir: Annotated[Optional[Path], typer.Option(
+        help="where demo models and caches live (default $PSOMERGE_HOME or ./.psomerge)")] = None,
+    preset: Annotated[str, typer.Option(
+        help="tiny: char-level experts built in ~4 min; smollm2: SmolLM2-135M-Instruct "
+             "and two experts fine-tuned on real data (~25 min on 2 CPU cores)")] = "tiny",
     steps: Annotated[Optional[int], typer.Option(help="PSO-Merging's steps (default 5 tiny, 3 smollm2); psomerge's "
                                                       "search gets the same number of fitness evaluations")] = None,
     verbose: bool = False,

@@ -125,8 +125,8 @@ class RunConfig(StrictModel):
                                   for f in ("inertia", "cognitive", "social", "extra_particles", "velocity_clamp",
                                             "bounds")):
             raise ValueError("preset 'paper' runs PSO-Merging as published: optimizer type pso with inertia 0.2, "
-                             "cognitive 2, social 2 and no extra particles, clamp or bounds (only steps, budget and seed "
-                             "may change)")
+                             "cognitive 2, social 2 and no extra particles, clamp or bounds (only steps, budget "
+                             "and seed may change)")
         for s in self.suites:
             if [(t.scorer, t.weight) for t in s.fitness] != [("judge", 1.0)]:
                 raise ValueError(f"preset 'paper' scores particles with the judge alone: remove suite "

@@ -240,7 +240,7 @@ def _reap(proc):
 def _summary(proc):
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
-    line = next(l for l in out.splitlines() if l.startswith("SUMMARY"))
+    line = next(ln for ln in out.splitlines() if ln.startswith("SUMMARY"))
     counts, best = line.removeprefix("SUMMARY").split("|")
     return json.loads(counts), float(best)
 
@@ -444,7 +444,7 @@ def test_flow_on_local_ray_cluster_sends_only_configs_and_coefficients(tmp_path,
     finally:
         _reap(proc)
     assert proc.returncode == 0, out[-3000:]
-    result = json.loads(next(l for l in out.splitlines() if l.startswith("SUMMARY")).removeprefix("SUMMARY"))
+    result = json.loads(next(ln for ln in out.splitlines() if ln.startswith("SUMMARY")).removeprefix("SUMMARY"))
     counts = result["counts"]
     assert counts["fitness_calls"] == 10 and counts["scorings"] + counts["cache_hits"] == 10 and counts["scorings"] > 0
     assert result["scored_here"] == 0  # every particle was scored by a Ray worker's own RunContext

@@ -278,4 +278,5 @@ def read_records(path: str | Path, hf_split: str | None = None) -> list[dict[str
     if path.suffix == ".csv":
         with open(path, newline="") as f:
             return list(csv.DictReader(f))
-    raise ConfigError(f"dataset file {path}: unsupported format {path.suffix!r} (use .jsonl, .csv, .parquet or a datasets folder)")
+    raise ConfigError(f"dataset file {path}: unsupported format {path.suffix!r} "
+                      "(use .jsonl, .csv, .parquet or a datasets folder)")

@@ -110,7 +110,8 @@ class LoraExpert:
         for fname in ADAPTER_WEIGHTS:
             if (self.path / fname).is_file():
                 return self.path / fname
-        raise CheckpointError(f"model {self.name!r}: adapter folder {self.path} has none of {', '.join(ADAPTER_WEIGHTS)}")
+        raise CheckpointError(f"model {self.name!r}: adapter folder {self.path} "
+                              f"has none of {', '.join(ADAPTER_WEIGHTS)}")
 
     def _keys(self) -> list[str]:
         if self._file.suffix == ".safetensors":

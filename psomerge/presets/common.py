@@ -116,7 +116,7 @@ def train(
             labels.append([-100] * len(q_ids) + a_ids)
         width = max(map(len, seqs))
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-        lab = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
+        lab = torch.tensor([row + [-100] * (width - len(row)) for row in labels])
         mask = (torch.arange(width)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]).long()
         loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
         loss.backward()

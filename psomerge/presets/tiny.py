@@ -19,7 +19,15 @@ from transformers import LlamaForCausalLM
 
 from psomerge.hashing import digest
 from psomerge.presets.charlm import char_tokenizer, tiny_llama_config
-from psomerge.presets.common import PresetAssets, build_key, cached_build, preset_run_config, publish_build, staging, train
+from psomerge.presets.common import (
+    PresetAssets,
+    build_key,
+    cached_build,
+    preset_run_config,
+    publish_build,
+    staging,
+    train,
+)
 from psomerge.presets.tiny_tasks import ALPHABET, DEMO_TASKS, copy, unique_examples
 
 log = logging.getLogger(__name__)
@@ -77,7 +85,8 @@ def build_tiny(
     shutil.copytree(base_dir / "base", staged.base)
     shutil.copytree(base_dir / "data", staged.base.parent / "data")
     tasks = {t.name: t for t in DEMO_TASKS if t.name in spec.tasks}
-    all_eval = {json.loads(line)["question"] for path in staged.datasets.values() for line in path.read_text().splitlines()}
+    all_eval = {json.loads(line)["question"]
+                for path in staged.datasets.values() for line in path.read_text().splitlines()}
     tokenizer = char_tokenizer(ALPHABET)
     base = LlamaForCausalLM.from_pretrained(staged.base, dtype=torch.float32)
     general = _pretraining_mix(tasks, spec)

@@ -76,7 +76,8 @@ def _fused_kernel(k: int):
     return _KERNELS[k]
 
 
-def weighted_sum_into(out: torch.Tensor, tensors: torch.Tensor | Sequence[torch.Tensor], alpha: Sequence[float]) -> None:
+def weighted_sum_into(out: torch.Tensor, tensors: torch.Tensor | Sequence[torch.Tensor],
+                      alpha: Sequence[float]) -> None:
     """out = sum_j alpha_j * tensors[j], in place: one multiply, then fused adds."""
     first = tensors[0]
     if first.dtype == out.dtype:

@@ -31,7 +31,8 @@ class ModelSwarms(SwarmOptimizer):
 
     name = "model_swarms"
 
-    def __init__(self, k: int, groups: int, settings: ModelSwarmsSettings = ModelSwarmsSettings(), starts: Sequence[np.ndarray] = ()):
+    def __init__(self, k: int, groups: int, settings: ModelSwarmsSettings = ModelSwarmsSettings(),
+                 starts: Sequence[np.ndarray] = ()):
         super().__init__(k, groups, settings, starts)
         n = len(self.x)
         phi = self.rng.random((n, 4))

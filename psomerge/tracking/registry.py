@@ -184,7 +184,8 @@ def promote(name: str, margin: float = 0.0, confidence: float = 0.95,
         theirs = rescore(folder)
         decision["rescored_champion"] = True
     elif champion is not None and theirs is None:
-        decision["reason"] = "the champion has no per-example scores to compare with (re-score it: promote with a config)"
+        decision["reason"] = ("the champion has no per-example scores to compare with "
+                              "(re-score it: promote with a config)")
         return decision
     outcome = decide(ours, theirs, margin, confidence)
     decision.update(promoted=outcome.promoted, reason=outcome.reason, difference=outcome.difference,

@@ -35,7 +35,8 @@ class MLflowTracker:
         self.config = config
         registry.configure(config.registry.experiment)
         run_id = (resumed or {}).get("mlflow_run_id")
-        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{config.name}-{config.optimizer.type}")
+        run_name = None if run_id else f"{config.name}-{config.optimizer.type}"
+        self.run = mlflow.start_run(run_id=run_id, run_name=run_name)
         if run_id is None:
             # free-form values (a served judge's command line, a cluster's address) may hold credentials
             mlflow.log_params(registry.flatten(redact(config.model_dump(mode="json"))))
