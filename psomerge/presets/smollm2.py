@@ -28,15 +28,8 @@ from pathlib import Path
 import torch
 
 from psomerge.errors import PsomergeError
-from psomerge.presets.common import (
-    PresetAssets,
-    build_key,
-    cached_build,
-    preset_run_config,
-    publish_build,
-    staging,
-    train,
-)
+from psomerge.presets.common import (PresetAssets, build_key, cached_build, preset_run_config,
+                                     publish_build, staging, train)
 
 log = logging.getLogger(__name__)
 

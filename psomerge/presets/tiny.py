@@ -19,15 +19,8 @@ from transformers import LlamaForCausalLM
 
 from psomerge.hashing import digest
 from psomerge.presets.charlm import char_tokenizer, tiny_llama_config
-from psomerge.presets.common import (
-    PresetAssets,
-    build_key,
-    cached_build,
-    preset_run_config,
-    publish_build,
-    staging,
-    train,
-)
+from psomerge.presets.common import (PresetAssets, build_key, cached_build, preset_run_config,
+                                     publish_build, staging, train)
 from psomerge.presets.tiny_tasks import ALPHABET, DEMO_TASKS, copy, unique_examples
 
 log = logging.getLogger(__name__)
