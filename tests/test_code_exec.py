@@ -67,7 +67,8 @@ HOSTILE = {
     "memory_hog": "x = []\nwhile True:\n    x.append(bytearray(50_000_000))\n",
     "write_outside": "open({outside!r}, 'w').write('pwned')\n",
     "read_secret_env": "import os\nassert os.environ.get('PSOMERGE_TEST_SECRET') == 'hunter2'\n",
-    "open_socket": "import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\ns.sendall(b'leak')\n",
+    "open_socket": ("import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+                    "s.sendall(b'leak')\n"),
     "spawn_shell": "import subprocess\nsubprocess.run(['sh', '-c', 'echo pwned > {outside}'], check=True)\n",
 }
 

@@ -41,7 +41,8 @@ def test_splits_are_disjoint_deterministic_and_sized():
     opt, held = s.split("optimisation"), s.split("heldout")
     assert len(opt) == 10 and len(held) == 30
     assert not {e.id for e in opt} & {e.id for e in held}
-    assert [e.id for e in opt] == [e.id for e in _suite(optimisation_size=10, heldout_size=30, split_seed=5).split("optimisation")]
+    again = _suite(optimisation_size=10, heldout_size=30, split_seed=5).split("optimisation")
+    assert [e.id for e in opt] == [e.id for e in again]
     assert s.fingerprint() != _suite(optimisation_size=10, heldout_size=30, split_seed=6).fingerprint()
     rest = _suite(optimisation_size=10).split("heldout")
     assert len(rest) == 40
@@ -65,7 +66,8 @@ def test_batched_generation_equals_one_by_one(tiny_lm):
     model, tok = tiny_lm
     prompts = ["add 1+2=", "rev abcdef=", "sort 93=", "copy a="]
     batched = TransformersGenerator(model, tok, batch_size=4, max_new_tokens=6, stop=()).generate(prompts)
-    single = [TransformersGenerator(model, tok, batch_size=1, max_new_tokens=6, stop=()).generate([p])[0] for p in prompts]
+    one_at_a_time = TransformersGenerator(model, tok, batch_size=1, max_new_tokens=6, stop=())
+    single = [one_at_a_time.generate([p])[0] for p in prompts]
     assert batched == single
     assert all(isinstance(a, str) for a in batched)
 

@@ -218,8 +218,8 @@ def _flow_subprocess(cfg, home, resume=False, kill_at=None):
         "from psomerge.orchestration.flows import pso_merge\n"
         f"s = pso_merge({str(cfg)!r}, resume={resume}); print('SUMMARY' + json.dumps(s.counts.as_dict()) + "
         "'|' + repr(s.best_fitness))")
-    return subprocess.Popen([sys.executable, "-c", code], env=_isolated_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-c", code], env=_isolated_env(home), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _isolated_env(home, **extra):

@@ -42,7 +42,8 @@ def test_dataset_formats_read_the_same_records(tmp_path):
     import pyarrow.parquet as pq
 
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS))
-    (tmp_path / "d.csv").write_text("id,question,answer\n" + "\n".join(f"{r['id']},{r['question']},{r['answer']}" for r in RECORDS))
+    csv_rows = (f"{r['id']},{r['question']},{r['answer']}" for r in RECORDS)
+    (tmp_path / "d.csv").write_text("id,question,answer\n" + "\n".join(csv_rows))
     pq.write_table(pa.Table.from_pylist(RECORDS), tmp_path / "d.parquet")
     datasets.Dataset.from_list(RECORDS).save_to_disk(str(tmp_path / "ds"))
     datasets.DatasetDict({"test": datasets.Dataset.from_list(RECORDS)}).save_to_disk(str(tmp_path / "dd"))

@@ -127,9 +127,11 @@ def test_nan_in_an_expert_is_named_and_nothing_half_written_is_claimed(tmp_path,
         ({"merge_method": "ties", "models": [{"model": "x", "parameters": {"weight": 1}}]}, "base_model"),
         ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"density": 1}}]},
          "models[0].parameters.weight"),
-        ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"weight": 1, "gamma": 1}}]},
+        ({"merge_method": "ties", "base_model": "b",
+          "models": [{"model": "x", "parameters": {"weight": 1, "gamma": 1}}]},
          "models[0].parameters.gamma"),
-        ({"merge_method": "linear", "models": [{"model": "x", "parameters": {"weight": 1}}], "parameters": {"lambda": 2}},
+        ({"merge_method": "linear", "models": [{"model": "x", "parameters": {"weight": 1}}],
+          "parameters": {"lambda": 2}},
          "parameters.lambda"),
         ({"merge_method": "linear", "models": [{"model": "x"}], "frobnicate": 1}, "frobnicate"),
         ({"merge_method": "passthrough", "slices": []}, "slices"),
@@ -145,7 +147,8 @@ def test_recipe_errors_name_the_key(data, key):
 
 def test_cli_reports_bad_model_path(tmp_path):
     recipe = tmp_path / "bad.yaml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": "no/such/model", "parameters": {"weight": 1}}]}))
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear",
+                                      "models": [{"model": "no/such/model", "parameters": {"weight": 1}}]}))
     res = subprocess.run([PSOMERGE, "merge", str(recipe), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert res.returncode == 2
     assert "no/such/model" in res.stderr and "bad.yaml" in res.stderr

@@ -90,7 +90,8 @@ def test_the_7b_config_fits_an_80gib_gpu(llama7b):
     assert by_what(plan, "basis members") == Allocation(
         HOST, "basis members: base + 3 experts (dense, bfloat16) in the vLLM engine's process", 4 * 2 * numel)
     assert by_what(plan, "DARE masks").nbytes == 3 * masks and by_what(plan, "DARE masks").where == HOST
-    assert by_what(plan, "vLLM engine weights").where == GPU and by_what(plan, "vLLM engine weights").nbytes == 2 * numel
+    engine_weights = by_what(plan, "vLLM engine weights")
+    assert engine_weights.where == GPU and engine_weights.nbytes == 2 * numel
     assert by_what(plan, "vLLM KV cache").nbytes == int(0.85 * 80 * GiB) - 2 * numel
     scratch = by_what(plan, "sum temporaries")
     assert scratch.where == GPU and scratch.nbytes == 4 * 32000 * 4096 + 6 * 2**24 * 4 + 2**24

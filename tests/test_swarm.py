@@ -150,7 +150,8 @@ def test_materialise_matches_weighted_sum_and_dare_members(tmp_path, family):
     assert torch.allclose(delta[kept], 5 * expert_delta[kept], atol=1e-5)
     again = build_basis(base, experts, tmp_path / "b", BasisSettings(drop_rate=0.8, seed=0, storage="mmap"))
     assert again.fingerprint == basis.fingerprint  # reused, not rebuilt
-    assert build_basis(base, experts, tmp_path / "b", BasisSettings(drop_rate=0.8, seed=1)).fingerprint != basis.fingerprint
+    reseeded = build_basis(base, experts, tmp_path / "b", BasisSettings(drop_rate=0.8, seed=1))
+    assert reseeded.fingerprint != basis.fingerprint
 
 
 # -- fitness cache --------------------------------------------------------------------
