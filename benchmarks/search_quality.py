@@ -277,13 +277,18 @@ def _reference_rows(results: dict, ctx: RunContext, base: dict) -> None:
 
 def combine(paths: list[Path]) -> dict:
     """One study from several (e.g. methods run in separate processes over the same preset):
-    the reference rows of the first, every method of each."""
+    the reference rows of the first, every (method, budget) of each; where two files have the
+    same (method, budget) the later one's runs are kept, so a run to a larger budget adds its
+    rows without dropping a smaller budget that only an earlier file measured."""
     parts = [json.loads(p.read_text()) for p in paths]
     out = parts[0]
     for part in parts[1:]:
         if part["rows"].keys() != out["rows"].keys() or part["preset"] != out["preset"]:
             raise SystemExit(f"cannot combine studies of other presets or rows: {paths}")
-        out["methods"].update(part["methods"])
+        for method, by_budget in part["methods"].items():
+            out["methods"].setdefault(method, {}).update(by_budget)
+    for method, by_budget in out["methods"].items():
+        out["methods"][method] = dict(sorted(by_budget.items(), key=lambda item: int(item[0])))
     return out
 
 
