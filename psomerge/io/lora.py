@@ -63,6 +63,10 @@ class _LowRank:
     bias: str | None = None  # lora_B.bias (lora_bias=True): scaling * bias is added to the base bias
 
 
+# input embeddings that a tied model also uses as its output layer
+_INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
 class LoraExpert:
     """The expert ``base + LoRA`` of a PEFT adapter folder, formed tensor by tensor."""
 
@@ -85,8 +89,10 @@ class LoraExpert:
         cfg_path = self.path / ADAPTER_CONFIG
         try:
             cfg = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"model {self.name!r}: {cfg_path} is not readable JSON ({exc})") from exc
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"model {self.name!r}: {cfg_path} is not an adapter config (a JSON object)")
         peft_type = cfg.get("peft_type", "LORA")
         if peft_type != "LORA":
             raise CheckpointError(
@@ -156,13 +162,42 @@ class LoraExpert:
             if target not in self.base:
                 raise CheckpointError(
                     f"model {self.name!r}: adapter tensor {key!r} replaces {target!r}, which base "
-                    f"{self.base.name!r} does not have"
+                    f"{self.base.name!r} does not have{self._tied_hint(target)}"
+                )
+            if ".base_layer." not in inner and self._ties_to_output(target):
+                raise CheckpointError(
+                    f"model {self.name!r}: adapter tensor {key!r} is a full copy (modules_to_save) of {target!r}, "
+                    f"which base {self.base.name!r} ties to its output embedding: peft's merge unties the two (the "
+                    "output layer keeps the base embedding), which no merge over the base's tensors can write. "
+                    "Merge the adapter with peft's merge_and_unload and use the saved model as the expert"
                 )
             full[target] = key
         low_rank: dict[str, _LowRank] = {}
         for module, parts in pairs.items():
+            if f"{module}.weight" not in self.base:
+                raise CheckpointError(
+                    f"model {self.name!r}: adapter trains module {module!r}, whose weight base {self.base.name!r} "
+                    f"does not have{self._tied_hint(f'{module}.weight')}"
+                )
             low_rank[f"{module}.weight"] = self._low_rank_of(module, parts)
         return full, low_rank
+
+    def _base_ties_embeddings(self) -> bool:
+        """The base stores one embedding for input and output (transformers' default where the
+        config does not say)."""
+        return (self.base.config.get("tie_word_embeddings", True) is not False
+                and not any(n.endswith("lm_head.weight") for n in self.base.tensor_names))
+
+    def _ties_to_output(self, target: str) -> bool:
+        vocab = self.base.config.get("vocab_size")
+        return (self._base_ties_embeddings() and target.endswith(_INPUT_EMBEDDINGS)
+                and self.base.info(target).shape[:1] == (vocab,))
+
+    def _tied_hint(self, target: str) -> str:
+        if not (target.endswith("lm_head.weight") and self._base_ties_embeddings()):
+            return ""
+        return (" (it ties its output embedding to its input one, tie_word_embeddings; an adapter that trains "
+                "or saves lm_head unties them: merge it with peft's merge_and_unload and use the saved model)")
 
     def _low_rank_of(self, module: str, parts: dict[str, str]) -> _LowRank:
         cfg = self.adapter_config

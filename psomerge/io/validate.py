@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from psomerge.errors import CheckpointError, IncompatibleModelsError
 from psomerge.io.models import Model
+from psomerge.io.vocab import AlignedModel
 
 log = logging.getLogger(__name__)
 
@@ -45,28 +48,126 @@ def check_compatible(base: Model, others: Sequence[Model]) -> None:
                 f"{base.name!r} has vocab_size={base_vocab}. Merging needs one shared tokenizer: "
                 f"fine-tune the experts from the base with its tokenizer, or resize the expert's "
                 f"embeddings to the base vocabulary (model.resize_token_embeddings({base_vocab})) "
-                f"if the extra tokens are unused."
+                f"if the extra tokens are unused, or set tokenizer_source: base | union (in a recipe; "
+                f"basis.tokenizer_source in a run config) to merge over one vocabulary built from the "
+                f"models' tokenizers."
             )
+        _check_same_token_ids(base, other, base_vocab)
         names = set(other.tensor_names)
         missing = sorted(base_names - names)
         if missing:
             raise IncompatibleModelsError(
                 f"model {other.name!r} is missing {len(missing)} tensor(s) that base "
-                f"{base.name!r} has: {_listing(missing)}"
+                f"{base.name!r} has: {_listing(missing)}{_tying_hint(base, other)}"
             )
         extra = sorted(names - base_names)
+        if extra and _redundant_output_embedding(base, other, extra):
+            # some trainers save the tied output embedding anyway; transformers re-ties it on
+            # load, so the copy is never used, and the merge reads the base's tensor names only
+            log.warning("model %r stores %s although it ties it to its input embedding; ignored",
+                        other.name, extra[0])
+            extra = []
         if extra:
             raise IncompatibleModelsError(
                 f"model {other.name!r} has {len(extra)} tensor(s) that base {base.name!r} lacks: "
-                f"{_listing(extra)}"
+                f"{_listing(extra)}{_tying_hint(base, other)}"
             )
         for name in base.tensor_names:
-            bshape, oshape = base.info(name).shape, other.info(name).shape
-            if bshape != oshape:
+            binfo, oinfo = base.info(name), other.info(name)
+            if binfo.shape != oinfo.shape:
                 raise IncompatibleModelsError(
-                    f"shape mismatch in tensor {name!r}: model {other.name!r} has {list(oshape)}, "
-                    f"base {base.name!r} has {list(bshape)}"
+                    f"shape mismatch in tensor {name!r}: model {other.name!r} has {list(oinfo.shape)}, "
+                    f"base {base.name!r} has {list(binfo.shape)}"
                 )
+            if binfo.dtype.is_floating_point != oinfo.dtype.is_floating_point:
+                # e.g. a quantized weight: merging it as numbers would be silently wrong
+                raise IncompatibleModelsError(
+                    f"dtype mismatch in tensor {name!r}: model {other.name!r} stores it as {_dtype(oinfo.dtype)}, "
+                    f"base {base.name!r} as {_dtype(binfo.dtype)}: a floating-point tensor merges only with "
+                    "floating-point tensors (dequantize the model first)"
+                )
+
+
+def _check_same_token_ids(base: Model, other: Model, vocab_size: int | None) -> None:
+    """Equal vocabulary sizes, but a token with another id (another tokenizer): the embedding
+    rows of the two models mean different tokens, and merging them row by row would be silently
+    wrong. Checked where both folders have a tokenizer.json or vocab.json (read as JSON, cheap)."""
+    if isinstance(base, AlignedModel) or isinstance(other, AlignedModel):
+        return  # already seen through one vocabulary
+    ours, theirs = _token_ids(base), _token_ids(other)
+    if ours is None or theirs is None:
+        return
+    # a token only one of them has (a reserved token renamed by a fine-tune) is no mismatch: the row is the same slot
+    limit = vocab_size if isinstance(vocab_size, int) else float("inf")
+    differ = [t for t, i in theirs.items() if t in ours and ours[t] != i and min(i, ours[t]) < limit]
+    if differ:
+        shown = ", ".join(f"{t!r} (id {theirs[t]} vs {ours[t]})" for t in differ[:3])
+        raise IncompatibleModelsError(
+            f"tokenizer mismatch: model {other.name!r} and base {base.name!r} have the same vocab_size, but "
+            f"{len(differ)} token(s) have other ids, e.g. {shown}: their embedding rows mean different tokens. Merge "
+            "models fine-tuned from one tokenizer, or set tokenizer_source: base | union (in a recipe; "
+            "basis.tokenizer_source in a run config) to align the vocabularies"
+        )
+
+
+_TOKEN_IDS: dict[tuple, dict[str, int] | None] = {}
+
+
+def _token_ids(model: Model) -> dict[str, int] | None:
+    """Token -> id from the model's tokenizer.json (vocabulary and added tokens) or vocab.json;
+    None where the folder has neither or they are not in a layout read here (e.g. sentencepiece)."""
+    folder = Path(getattr(getattr(model, "base", None), "path", None) or model.path)  # an adapter: its base's
+    for fname in ("tokenizer.json", "vocab.json"):
+        path = folder / fname
+        if path.is_file():
+            break
+    else:
+        return None
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _TOKEN_IDS:
+        _TOKEN_IDS[key] = _read_token_ids(path)
+    return _TOKEN_IDS[key]
+
+
+def _read_token_ids(path: Path) -> dict[str, int] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # loading the tokenizer (evaluation) names an unreadable file
+    if path.name == "vocab.json":
+        vocab = data
+    else:
+        model = data.get("model") if isinstance(data, dict) else None
+        vocab = model.get("vocab") if isinstance(model, dict) else None
+        if isinstance(vocab, list):  # unigram: [piece, score] pairs, the id is the position
+            vocab = {entry[0]: i for i, entry in enumerate(vocab) if isinstance(entry, list) and entry}
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        return None
+    ids = dict(vocab)
+    for added in (data.get("added_tokens") or []) if path.name == "tokenizer.json" else []:
+        if isinstance(added, dict) and isinstance(added.get("content"), str) and isinstance(added.get("id"), int):
+            ids[added["content"]] = added["id"]
+    return ids
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _redundant_output_embedding(base: Model, other: Model, extra: Sequence[str]) -> bool:
+    return (len(extra) == 1 and extra[0].endswith("lm_head.weight")
+            and base.config.get("tie_word_embeddings", True) is not False
+            and other.config.get("tie_word_embeddings", True) is not False)
+
+
+def _tying_hint(base: Model, other: Model) -> str:
+    """Why tensor names differ where one model ties its output embeddings to its input ones."""
+    tied, base_tied = other.config.get("tie_word_embeddings"), base.config.get("tie_word_embeddings")
+    if tied is None or base_tied is None or bool(tied) == bool(base_tied):
+        return ""
+    return (f" (model {other.name!r} has tie_word_embeddings={tied}, base {base.name!r} has {base_tied}: one "
+            "stores no separate output embedding; save both with the same setting)")
 
 
 def check_finite(tensor: torch.Tensor, model: str, tensor_name: str) -> None:

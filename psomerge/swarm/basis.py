@@ -279,7 +279,7 @@ class Basis:
         if coeffs.shape != (self.num_groups, self.k):
             raise ValueError(f"coefficients of shape {coeffs.shape}, basis needs {(self.num_groups, self.k)}")
         self._layout.hold()
-        tensors = writable_tensors(target)
+        tensors = writable_tensors(target, self.names)
         for name in self.names:
             out = tensors.get(name)
             if out is None:

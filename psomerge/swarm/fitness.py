@@ -204,7 +204,7 @@ class ParticleEvaluator:
 
         def compute() -> EvalResult:
             with self.resident() as r, ckpt:
-                target = writable_tensors(r.weights)
+                target = writable_tensors(r.weights, self.basis.names)
                 for name in self.basis.names:
                     if name in target:
                         target[name].copy_(ckpt.get(name))

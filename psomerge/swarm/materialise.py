@@ -18,15 +18,34 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from psomerge.errors import CheckpointError
 from psomerge.swarm.masks import unpack_bits
 
 
-def writable_tensors(target: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    """Name -> tensor to write into: a model's parameters (tied ones under every name), or
-    the mapping itself."""
-    if isinstance(target, torch.nn.Module):
-        return {n: p.data for n, p in target.named_parameters(remove_duplicate=False)}
-    return target
+def writable_tensors(target: torch.nn.Module | Mapping[str, torch.Tensor],
+                     names: Sequence[str] | None = None) -> Mapping[str, torch.Tensor]:
+    """Name -> tensor to write into: a model's parameters (tied ones under every name, each also
+    under its name without the model's ``base_model_prefix``, as checkpoints such as GPT-2's on
+    the hub store them: ``h.0.attn.c_attn.weight`` for ``transformer.h.0.attn.c_attn.weight``),
+    or the mapping itself. With ``names`` (the checkpoint tensors to be written), a model
+    parameter none of them reaches is an error: it would keep its old weights unnoticed."""
+    if not isinstance(target, torch.nn.Module):
+        return target
+    tensors = {n: p.data for n, p in target.named_parameters(remove_duplicate=False)}
+    prefix = f"{getattr(target, 'base_model_prefix', '')}."
+    if prefix != ".":
+        for n, t in list(tensors.items()):
+            if n.startswith(prefix):
+                tensors.setdefault(n[len(prefix):], t)
+    if names is not None:
+        reached = {tensors[n].data_ptr() for n in names if n in tensors}
+        missed = [n for n, p in target.named_parameters() if p.data_ptr() not in reached]
+        if missed:
+            shown = ", ".join(repr(n) for n in missed[:3]) + (f" and {len(missed) - 3} more" if len(missed) > 3 else "")
+            raise CheckpointError(
+                f"{type(target).__name__}: no checkpoint tensor matches parameter(s) {shown} (checkpoint names "
+                f"look like {', '.join(repr(n) for n in list(names)[:2])}): their weights could not be written")
+    return tensors
 
 
 def _numba():
