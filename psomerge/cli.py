@@ -22,7 +22,7 @@ from rich.progress import (
     BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
 )
 
-from psomerge.errors import PsomergeError
+from psomerge.errors import ConfigError, PsomergeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Merge expert LLMs by particle swarm optimisation.")
 console = Console(stderr=True)
@@ -117,12 +117,18 @@ def _fail(exc: PsomergeError) -> None:
     raise typer.Exit(2)
 
 
-def _parse_size(text: str) -> int:
+def _parse_size(text: str, option: str = "--shard-size") -> int:
+    """Bytes of a size such as 2G, 500M, 64K or 1000000; a ConfigError naming ``option`` otherwise."""
     units = {"K": 1024, "M": 1024**2, "G": 1024**3}
-    text = text.strip().upper().removesuffix("B")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
+    given, text = text, text.strip().upper().removesuffix("B")
+    scale = units.get(text[-1:], 1)
+    try:
+        size = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        size = float("nan")
+    if not size >= 1 or size == float("inf"):
+        raise ConfigError(f"{option} {given!r} is not a positive size (e.g. 2G, 500M, 64K, or bytes)")
+    return int(size)
 
 
 @app.command()

@@ -162,6 +162,24 @@ class RunConfig(StrictModel):
             seen[folder] = i
         return experts
 
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        """The name is the run's folder under <data dir>/runs: one plain folder name."""
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise ValueError(f"{name!r} is not a plain folder name (the run's folder is <data dir>/runs/<name>); "
+                             "use letters, digits, '-', '_' or '.', or set output_dir for another place")
+        return name
+
+    @model_validator(mode="after")
+    def _base_is_no_expert(self) -> "RunConfig":
+        base = Path(self.base).resolve()
+        for i, path in enumerate(self.experts):
+            if Path(path).resolve() == base:
+                raise ValueError(f"experts[{i}] ({path}) is the base folder ({self.base}): its task vector is zero; "
+                                 "list only fine-tuned experts")
+        return self
+
     @field_validator("suites")
     @classmethod
     def _unique_suites(cls, suites: list[SuiteSettings]) -> list[SuiteSettings]:

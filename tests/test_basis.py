@@ -1,9 +1,12 @@
 """The basis at its physical minimum: DARE members as bit masks over their expert, members in
 their stored dtype, extra members, one-pass materialisation, fingerprints per layout."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from psomerge.errors import CheckpointError, ConfigError
@@ -225,9 +228,13 @@ def test_fingerprint_names_the_layout_and_masks_are_written_once(tmp_path, famil
 
 def test_nan_expert_refused_while_masks_are_drawn(tmp_path, family):
     base, experts = family
-    bad = write_checkpoint(tmp_path / "bad", Checkpoint(experts[0]),
-                           lambda n: torch.full(Checkpoint(experts[0]).info(n).shape, float("nan"))
-                           if n == "model.norm.weight" else None)
+    # the writer refuses to write a NaN tensor, so the damaged expert is made by hand
+    bad = tmp_path / "bad"
+    shutil.copytree(experts[0], bad)
+    (weights,) = bad.glob("*.safetensors")
+    tensors = load_file(weights)
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
+    save_file(tensors, weights)
     with pytest.raises(CheckpointError, match="model.norm.weight"):
         build_basis(base, [bad, experts[1]], tmp_path / "b")
     assert not list((tmp_path / "b").iterdir())  # nothing half-written left behind

@@ -154,19 +154,26 @@ class Checkpoint:
         if not cfg.exists():
             raise CheckpointError(f"model {self.name!r}: no config.json in {self.path}")
         try:
-            return json.loads(cfg.read_text())
-        except json.JSONDecodeError as exc:
+            config = json.loads(cfg.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"model {self.name!r}: {cfg} is not valid JSON ({exc})") from exc
+        if not isinstance(config, dict):
+            raise CheckpointError(f"model {self.name!r}: {cfg} is not a model config (a JSON object), "
+                                  f"but a JSON {type(config).__name__}")
+        return config
 
     def _index(self) -> tuple[str, dict[str, TensorInfo]]:
         p = self.path
         if (p / SAFETENSORS_INDEX).exists():
-            files = sorted(set(self._weight_map(p / SAFETENSORS_INDEX).values()))
-            return "safetensors", self._safetensors_infos(files)
+            weight_map = self._weight_map(p / SAFETENSORS_INDEX)
+            infos = self._safetensors_infos(sorted(set(weight_map.values())), weight_map)
+            return "safetensors", self._check_index(SAFETENSORS_INDEX, weight_map, infos)
         if (p / SAFETENSORS_SINGLE).exists():
             return "safetensors", self._safetensors_infos([SAFETENSORS_SINGLE])
         if (p / BIN_INDEX).exists():
-            return "bin", self._bin_infos(sorted(set(self._weight_map(p / BIN_INDEX).values())))
+            weight_map = self._weight_map(p / BIN_INDEX)
+            infos = self._bin_infos(sorted(set(weight_map.values())), weight_map)
+            return "bin", self._check_index(BIN_INDEX, weight_map, infos)
         if (p / BIN_SINGLE).exists():
             return "bin", self._bin_infos([BIN_SINGLE])
         raise CheckpointError(
@@ -177,8 +184,11 @@ class Checkpoint:
     def _weight_map(self, index_path: Path) -> dict[str, str]:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"model {self.name!r}: bad index file {index_path} ({exc})") from exc
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"model {self.name!r}: bad index file {index_path} ({exc!r})") from exc
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"model {self.name!r}: bad index file {index_path} (its weight_map is not a "
+                                  "mapping of tensor name to shard file)")
         for fname in set(weight_map.values()):
             if not (self.path / fname).exists():
                 raise CheckpointError(
@@ -186,7 +196,7 @@ class Checkpoint:
                 )
         return weight_map
 
-    def _safetensors_infos(self, files: list[str]) -> dict[str, TensorInfo]:
+    def _safetensors_infos(self, files: list[str], weight_map: dict[str, str] | None = None) -> dict[str, TensorInfo]:
         infos: dict[str, TensorInfo] = {}
         for fname in files:
             try:
@@ -195,14 +205,35 @@ class Checkpoint:
                 raise CheckpointError(f"model {self.name!r}: {exc}") from None
             for tname, meta in header.items():
                 if tname != "__metadata__":
-                    infos[tname] = TensorInfo(tname, tuple(meta["shape"]), SAFETENSORS_DTYPES[meta["dtype"]], fname)
+                    info = TensorInfo(tname, tuple(meta["shape"]), SAFETENSORS_DTYPES[meta["dtype"]], fname)
+                    self._add_info(infos, info, weight_map)
         return infos
 
-    def _bin_infos(self, files: list[str]) -> dict[str, TensorInfo]:
+    def _bin_infos(self, files: list[str], weight_map: dict[str, str] | None = None) -> dict[str, TensorInfo]:
         infos: dict[str, TensorInfo] = {}
         for fname in files:
             for tname, t in self._bin_state(fname).items():
-                infos[tname] = TensorInfo(tname, tuple(t.shape), t.dtype, fname)
+                self._add_info(infos, TensorInfo(tname, tuple(t.shape), t.dtype, fname), weight_map)
+        return infos
+
+    def _add_info(self, infos: dict[str, TensorInfo], info: TensorInfo, weight_map: dict[str, str] | None) -> None:
+        """Record a tensor found in a shard; where two shards hold it, the index says which one counts."""
+        if weight_map is not None and weight_map.get(info.name, info.file) != info.file:
+            return  # the index places it in another shard (checked there)
+        if info.name in infos:
+            raise CheckpointError(f"model {self.name!r}: tensor {info.name!r} is in both {infos[info.name].file} and "
+                                  f"{info.file}, and the index does not say which one counts")
+        infos[info.name] = info
+
+    def _check_index(self, index: str, weight_map: dict[str, str],
+                     infos: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+        """Every tensor the index names is in the shard it names (else the checkpoint is incomplete or mixed)."""
+        wrong = sorted(n for n, fname in weight_map.items() if n not in infos)
+        if wrong:
+            shown = ", ".join(f"{n!r} ({weight_map[n]})" for n in wrong[:5])
+            more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
+            raise CheckpointError(f"model {self.name!r}: {index} places {len(wrong)} tensor(s) in shards that do not "
+                                  f"hold them: {shown}{more}; the checkpoint is incomplete or its shards are mixed up")
         return infos
 
     def _bin_state(self, fname: str) -> dict[str, torch.Tensor]:

@@ -140,7 +140,12 @@ def write_checkpoint(
     (and the reference) is not world-readable, neither is the output.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _check_destination(out_dir, [reference, *inputs])
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a parent folder should be, a read-only folder
+        raise CheckpointError(f"cannot write {out_dir}: cannot create its folder {out_dir.parent} "
+                              f"({exc.strerror or exc})") from exc
     names = reference.tensor_names
     plan = []
     for name in names:
@@ -156,7 +161,10 @@ def write_checkpoint(
         with StreamingSafetensorsWriter(staging, plan, max_shard_bytes, 0o600 if private else 0o644) as writer:
             for name, _, out_dtype in plan:
                 value = compute(name) if out_dtype.is_floating_point else None
-                writer.write(name, (reference.get(name) if value is None else value).to(out_dtype))
+                if value is not None:
+                    value = value.to(out_dtype)
+                    _check_computed(value, name, out_dir)
+                writer.write(name, reference.get(name).to(out_dtype) if value is None else value)
                 if on_tensor:
                     on_tensor(name)
         reference.write_model_files(staging, dtype or reference.dtype)
@@ -176,6 +184,42 @@ def write_checkpoint(
 
 
 _STAGING_PREFIX = ".{}.partial-"  # then the writing process's id
+
+
+def _check_destination(out_dir: Path, models: Sequence[Model]) -> None:
+    """Refuse, before any work, an output folder whose replacement would destroy something
+    that is not a model this tool wrote: an input model (or a folder holding one), a file, or
+    a folder of other files. A folder holding a checkpoint (a previous merge) is replaced."""
+    target = out_dir.resolve()
+    for m in models:
+        for folder in (getattr(m, "path", None), getattr(getattr(m, "base", None), "path", None)):
+            if folder is not None and (target == Path(folder).resolve() or target in Path(folder).resolve().parents):
+                raise CheckpointError(f"output {out_dir} is, or holds, the folder of input model {m.name!r} "
+                                      f"({folder}): writing there would replace it; choose another output folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"output {out_dir} exists and is not a folder; choose another output folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not _holds_checkpoint(out_dir):
+        raise CheckpointError(f"output {out_dir} is a folder of other files (no config.json and weights), which "
+                              "writing the model would replace as a whole: choose a new or empty folder, or remove it")
+
+
+def _holds_checkpoint(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(
+        (folder / f).is_file() for f in (SAFETENSORS_SINGLE, SAFETENSORS_INDEX, "pytorch_model.bin",
+                                         "pytorch_model.bin.index.json"))
+
+
+def _check_computed(value: torch.Tensor, name: str, out_dir: Path) -> None:
+    """A computed tensor with NaN or inf (a NaN or infinite weight, an overflow in the output
+    dtype) is refused before it is written: a model of NaN would load and answer garbage."""
+    if not value.is_floating_point() or bool(torch.isfinite(value.sum(dtype=torch.float32))):
+        return
+    if not bool(torch.isfinite(value).all()):
+        raise CheckpointError(
+            f"output {out_dir}: merged tensor {name!r} is not finite ({int(torch.isnan(value).sum())} NaN, "
+            f"{int(torch.isinf(value).sum())} inf) in {str(value.dtype).removeprefix('torch.')}: check the merge's "
+            "weights and parameters (a NaN or infinite value, or an overflow of the output dtype); nothing was written"
+        )
 
 
 def _remove_abandoned_staging(out_dir: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from psomerge.errors import ConfigError
 from psomerge.io import check_compatible, check_finite, open_model, write_checkpoint
 from psomerge.io.vocab import align_vocabularies
 from psomerge.io.writer import DEFAULT_SHARD_BYTES
@@ -42,8 +43,15 @@ def run_merge(
     start = time.perf_counter()
     method = recipe.method
     merged = recipe.merged_models()
+    paths = [recipe.resolve_path(m.model) for _, m in merged]
+    seen: dict[Path, int] = {}
+    for (i, m), path in zip(merged, paths):
+        first = seen.setdefault(path.resolve(), i)
+        if first != i:
+            raise ConfigError(f"{recipe.source}: models[{i}] {m.model!r} is the folder of models[{first}] again: "
+                              "list each model once (give it a larger weight instead)")
     base = open_model(recipe.resolve_path(recipe.base_model), name=recipe.base_model) if recipe.base_model else None
-    ckpts = [open_model(recipe.resolve_path(m.model), name=m.model, base=base) for _, m in merged]
+    ckpts = [open_model(path, name=m.model, base=base) for (_, m), path in zip(merged, paths)]
     models = ([base] if base is not None else []) + ckpts
     reference, rest = align_vocabularies(models[0], models[1:], recipe.tokenizer_source, base_rule=base is not None)
     if base is not None:
@@ -51,6 +59,7 @@ def run_merge(
     else:
         ckpts = [reference, *rest]
     check_compatible(reference, [c for c in ckpts if c is not reference])
+    recipe.check_tensors([n for n in reference.tensor_names if reference.info(n).dtype.is_floating_point])
 
     def merge_tensor(name: str) -> torch.Tensor:
         ref_tensor = reference.get(name)

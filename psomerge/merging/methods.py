@@ -17,7 +17,7 @@ import torch
 
 from psomerge.errors import ConfigError
 from psomerge.merging.consensus import agreement_mask, elect_sign
-from psomerge.merging.sparsify import Rescale, dare, della, magnitude_topk
+from psomerge.merging.sparsify import Rescale, check_della, dare, della, magnitude_topk
 from psomerge.merging.task_vectors import task_vector
 
 Sparsification = Literal["magnitude", "random", "magnitude_sampling"]
@@ -59,6 +59,10 @@ class MergeMethod(ABC):
         generators: Sequence[torch.Generator | None],
     ) -> torch.Tensor:
         """Merged fp32 tensor. ``tensors`` and ``params`` exclude the base model."""
+
+    def check_params(self, params: ModelParams, options: MergeOptions) -> None:
+        """Raise ValueError for one model's parameters that ``merge`` cannot use; called for
+        every tensor before any is merged, so a bad value fails before work, not midway."""
 
 
 class Linear(MergeMethod):
@@ -115,6 +119,13 @@ class TaskArithmeticFamily(MergeMethod):
         if self.sparsification in ("random", "magnitude_sampling"):
             keys.add("rescale")
         return frozenset(keys)
+
+    def check_params(self, params: ModelParams, options: MergeOptions) -> None:
+        if self.sparsification == "random" and params.density <= 0:
+            raise ValueError(f"density {params.density}: DARE keeps each entry with probability density, "
+                             "so it must be above 0")
+        if self.sparsification == "magnitude_sampling":
+            check_della(params.density, params.epsilon)
 
     def sparsify(self, delta: torch.Tensor, p: ModelParams, options: MergeOptions, gen) -> torch.Tensor:
         if self.sparsification is None:

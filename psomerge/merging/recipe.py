@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from psomerge.errors import ConfigError
 from psomerge.io.checkpoint import DTYPES
 from psomerge.io.vocab import TOKENIZER_SOURCES
 from psomerge.merging.methods import MergeMethod, MergeOptions, ModelParams, get_method
+from psomerge.merging.sparsify import RESCALES
 from psomerge.yamlconfig import read_yaml, validate
 
 # A parameter is a number, or mergekit's filter list: [{filter: "mlp", value: 0.5}, {value: 1}].
@@ -88,10 +90,30 @@ class MergeRecipe(BaseModel):
                     )
             if "weight" not in entry.parameters and "weight" not in self.parameters:
                 raise ConfigError(f"{self.source}: models[{i}].parameters.weight is required")
+            for key, value in entry.parameters.items():
+                _check_param(key, value, f"{self.source}: models[{i}].parameters.{key}")
+        for key, value in self.parameters.items():
+            _check_param(key, value, f"{self.source}: parameters.{key}")
+        if not self.merged_models():
+            raise ConfigError(f"{self.source}: models lists no model to merge"
+                              + (" besides the base" if self.models else ""))
         for dkey in ("dtype", "out_dtype"):
             value = getattr(self, dkey)
             if value is not None and value not in DTYPES:
                 raise ConfigError(f"{self.source}: {dkey} {value!r} is not one of {sorted(DTYPES)}")
+
+    def check_tensors(self, tensor_names: list[str]) -> None:
+        """Resolve every parameter for every tensor and let the method check it, before any
+        tensor is merged: a filter list without a default, or a value the method cannot use
+        for some tensor (DELLA's density -/+ epsilon), fails before work rather than midway."""
+        method = self.method
+        for name in tensor_names:
+            options = self.options(name)
+            for i, entry in self.merged_models():
+                try:
+                    method.check_params(self.model_params(i, name), options)
+                except ValueError as exc:
+                    raise ConfigError(f"{self.source}: models[{i}] ({entry.model}), tensor {name!r}: {exc}") from None
 
     def is_base(self, entry: RecipeModel) -> bool:
         """For task-arithmetic methods the base listed among models contributes no delta."""
@@ -109,7 +131,8 @@ class MergeRecipe(BaseModel):
         return MergeOptions(
             normalize=bool(_resolve(normalize, tensor_name, "parameters.normalize", self.source)),
             lam=float(_resolve(self.parameters.get("lambda", 1.0), tensor_name, "parameters.lambda", self.source)),
-            rescale=str(self.parameters.get("rescale", "inverse")),  # type: ignore[arg-type]
+            rescale=str(_resolve(self.parameters.get("rescale", "inverse"), tensor_name, "parameters.rescale",
+                                 self.source)),  # type: ignore[arg-type]
             int8_mask=bool(_resolve(self.parameters.get("int8_mask", False), tensor_name, "parameters.int8_mask",
                                     self.source)),
         )
@@ -135,6 +158,34 @@ class MergeRecipe(BaseModel):
             f"{self.source}: model {ref!r} is not a local folder (psomerge reads local checkpoint "
             "folders; download hub models first)"
         )
+
+
+_FLAGS = frozenset({"normalize", "int8_mask"})
+
+
+def _check_param(key: str, value: ParamValue, where: str) -> None:
+    """One parameter's value (each value of a filter list): the type and range its key takes,
+    checked when the recipe loads so a bad value is named before any model is read."""
+    values = [value]
+    if isinstance(value, list):
+        for item in value:
+            if not isinstance(item, dict) or "value" not in item:
+                raise ConfigError(f"{where}: list entries must be {{filter: ..., value: ...}}; "
+                                  "gradient lists (per-layer interpolation) are not supported")
+        values = [item["value"] for item in value]
+    for v in values:
+        if key in _FLAGS:
+            if not isinstance(v, bool):
+                raise ConfigError(f"{where}: {v!r} is not true or false")
+        elif key == "rescale":
+            if v not in RESCALES:
+                raise ConfigError(f"{where}: {v!r} is not one of {', '.join(RESCALES)}")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"{where}: {v!r} is not a finite number")
+        elif key == "density" and not 0 <= v <= 1:
+            raise ConfigError(f"{where}: {v!r} is not in [0, 1] (the fraction of each task vector kept)")
+        elif key == "epsilon" and v < 0:
+            raise ConfigError(f"{where}: {v!r} is negative")
 
 
 def _resolve(value: ParamValue, tensor_name: str, key: str, source: str) -> float | bool | str:

@@ -15,6 +15,7 @@ import torch
 from psomerge.merging.topk import argsort_topk_mask
 
 Rescale = Literal["inverse", "l1", "none"]
+RESCALES: tuple[str, ...] = ("inverse", "l1", "none")
 
 
 def magnitude_topk(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -76,16 +77,21 @@ def della(
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    if not (0 < density - epsilon and density + epsilon <= 1):
-        raise ValueError(
-            f"DELLA needs 0 < density - epsilon and density + epsilon <= 1 "
-            f"(density={density}, epsilon={epsilon})"
-        )
+    check_della(density, epsilon)
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     keep_prob = della_keep_prob(rows, density, epsilon)
     mask = torch.rand(rows.shape, generator=generator) < keep_prob
     out = _rescaled(rows, mask, keep_prob, rescale)
     return out.reshape(delta.shape)
+
+
+def check_della(density: float, epsilon: float) -> None:
+    """DELLA's keep probabilities, density -/+ epsilon, must lie in (0, 1] where it sparsifies."""
+    if 0 < density < 1 and not (0 < density - epsilon and density + epsilon <= 1):
+        raise ValueError(
+            f"DELLA needs 0 < density - epsilon and density + epsilon <= 1 "
+            f"(density={density}, epsilon={epsilon})"
+        )
 
 
 def della_keep_prob(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
