@@ -217,7 +217,7 @@ def test_run_name_must_be_a_folder_name(models, tmp_path, name):
 # -- recipe parameters ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("where, key, value, message", [
-    ("model", "weight", "0.5", r"models\[0\]\.parameters\.weight: '0\.5' is not a finite number"),
+    ("model", "weight", "half", r"models\[0\]\.parameters\.weight: 'half' is not a finite number"),
     ("model", "weight", float("nan"), r"models\[0\]\.parameters\.weight: nan is not a finite number"),
     ("model", "density", 1.5, r"models\[0\]\.parameters\.density: 1\.5 is not in \[0, 1\]"),
     ("model", "density", -0.5, r"models\[0\]\.parameters\.density: -0\.5 is not in \[0, 1\]"),
@@ -235,6 +235,17 @@ def test_bad_parameter_values_are_named_when_the_recipe_loads(models, where, key
         data["parameters"] = {key: value}
     with pytest.raises(ConfigError, match=r"recipe\.yaml: " + message):
         MergeRecipe.from_dict(data, source="recipe.yaml")
+
+
+def test_exponent_without_a_dot_is_a_number(models, tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-3 as a string; mergekit's recipes take it as a number
+    base, experts = models
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                    + "".join(f"  - model: {e}\n    parameters: {{weight: 5e-1}}\n" for e in experts)
+                    + "parameters: {lambda: 1e0}\n")
+    recipe = MergeRecipe.load(path)
+    assert recipe.model_params(0, UP).weight == 0.5 and recipe.options(UP).lam == 1.0
 
 
 def test_method_limits_fail_before_any_tensor_is_written(models, tmp_path):

@@ -180,12 +180,26 @@ def _check_param(key: str, value: ParamValue, where: str) -> None:
         elif key == "rescale":
             if v not in RESCALES:
                 raise ConfigError(f"{where}: {v!r} is not one of {', '.join(RESCALES)}")
-        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ConfigError(f"{where}: {v!r} is not a finite number")
-        elif key == "density" and not 0 <= v <= 1:
-            raise ConfigError(f"{where}: {v!r} is not in [0, 1] (the fraction of each task vector kept)")
-        elif key == "epsilon" and v < 0:
-            raise ConfigError(f"{where}: {v!r} is negative")
+        else:
+            number = _number(v)
+            if number is None or not math.isfinite(number):
+                raise ConfigError(f"{where}: {v!r} is not a finite number")
+            if key == "density" and not 0 <= number <= 1:
+                raise ConfigError(f"{where}: {v!r} is not in [0, 1] (the fraction of each task vector kept)")
+            if key == "epsilon" and number < 0:
+                raise ConfigError(f"{where}: {v!r} is negative")
+
+
+def _number(value: Any) -> float | None:
+    """A number, or a string of one: YAML 1.1 reads ``1e-3`` (no dot) as a string."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
 
 
 def _resolve(value: ParamValue, tensor_name: str, key: str, source: str) -> float | bool | str:
