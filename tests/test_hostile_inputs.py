@@ -98,11 +98,31 @@ def test_tied_expert_against_untied_base_says_so(models, tmp_path):
         run_merge(ties(base, [experts[1], tied]), tmp_path / "out")
 
 
-def _word_tokenizer(folder, order):
+def test_stale_index_entry_of_a_tied_lm_head_is_ignored(tmp_path):
+    _, experts = make_family(tmp_path / "s", n_experts=1, config=llama_config(), max_shard_size="20KB")
+    folder = experts[0]
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = index["weight_map"].pop("lm_head.weight")  # the model tied after a re-shard, its index not
+    save_file({k: v for k, v in load_file(folder / shard).items() if k != "lm_head.weight"}, folder / shard,
+              metadata={"format": "pt"})
+    index["weight_map"]["lm_head.weight"] = shard
+    index_path.write_text(json.dumps(index))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    assert "lm_head.weight" not in Checkpoint(folder).tensor_names
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    with pytest.raises(CheckpointError, match=r"places 1 tensor.*'lm_head.weight'"):
+        Checkpoint(folder)
+
+
+def _word_tokenizer(folder, order, words=None):
     from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(tok_models.WordLevel({f"w{i}": j for i, j in enumerate(order)}, unk_token="w0"))
+    order = list(order)
+    words = words or [f"w{i}" for i in range(len(order))]
+    tok = Tokenizer(tok_models.WordLevel({w: j for w, j in zip(words, order)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(folder)
 
@@ -117,6 +137,17 @@ def test_same_vocab_size_but_another_tokenizer_is_refused(models, tmp_path):
     with pytest.raises(IncompatibleModelsError, match=r"tokenizer mismatch: model '.*expert1'.*tokenizer_source"):
         run_merge(ties(base, experts), tmp_path / "out")
     run_merge(ties(base, experts, tokenizer_source="base"), tmp_path / "aligned")  # the way out it names
+
+
+def test_placeholder_tokens_that_moved_are_no_mismatch(models, tmp_path):
+    # Llama 3 and 3.1 give <|reserved_special_token_N|> other ids; those rows are untrained
+    base, experts = models
+    size = json.loads((base / "config.json").read_text())["vocab_size"]
+    words = [f"w{i}" for i in range(size - 2)] + ["<|reserved_special_token_0|>", "<unused1>"]
+    for folder in (base, experts[0]):
+        _word_tokenizer(folder, range(size), words)
+    _word_tokenizer(experts[1], [*range(size - 2), size - 1, size - 2], words)
+    run_merge(ties(base, experts), tmp_path / "out")
 
 
 # -- output folder -------------------------------------------------------------------------
@@ -237,6 +268,22 @@ def test_bad_parameter_values_are_named_when_the_recipe_loads(models, where, key
         MergeRecipe.from_dict(data, source="recipe.yaml")
 
 
+def test_mergekit_flag_spellings_are_understood(models):
+    # mergekit-evolve writes flags as 1.0 / 0.0, and mergekit's rescale is a flag
+    base, experts = models
+    data = {"merge_method": "dare_ties", "base_model": str(base),
+            "parameters": {"int8_mask": 1.0, "normalize": 0.0, "rescale": True},
+            "models": [{"model": str(e), "parameters": {"weight": 1.0, "density": 0.5}} for e in experts]}
+    options = MergeRecipe.from_dict(data, source="recipe.yaml").options(UP)
+    assert (options.int8_mask, options.normalize, options.rescale) == (True, False, "l1")
+    data["parameters"] = {"rescale": False, "normalize": 1}
+    options = MergeRecipe.from_dict(data, source="recipe.yaml").options(UP)
+    assert (options.normalize, options.rescale) == (True, "none")
+    data["parameters"] = {"int8_mask": 0.5}
+    with pytest.raises(ConfigError, match=r"parameters\.int8_mask: 0\.5 is not true or false"):
+        MergeRecipe.from_dict(data, source="recipe.yaml")
+
+
 def test_exponent_without_a_dot_is_a_number(models, tmp_path):
     # YAML 1.1 (PyYAML) reads 1e-3 as a string; mergekit's recipes take it as a number
     base, experts = models
@@ -280,6 +327,9 @@ def test_duplicate_and_missing_experts_are_refused(models, tmp_path):
     twice = recipe_dict(base, [experts[0], f"{experts[0]}/"])
     with pytest.raises(ConfigError, match=r"models\[1\] .* is the folder of models\[0\] again"):
         run_merge(MergeRecipe.from_dict(twice, source="recipe.yaml"), tmp_path / "out")
+    base_again = recipe_dict(base, [experts[0], f"{base}/"])  # the base spelt another way
+    with pytest.raises(ConfigError, match=r"models\[1\] .* is the base_model folder"):
+        run_merge(MergeRecipe.from_dict(base_again, source="recipe.yaml"), tmp_path / "out")
     only_base = recipe_dict(base, [base])
     with pytest.raises(ConfigError, match="models lists no model to merge besides the base"):
         MergeRecipe.from_dict(only_base, source="recipe.yaml")

@@ -65,7 +65,8 @@ def test_switching_judges_is_a_yaml_change(tmp_path, monkeypatch):
     data.write_text("\n".join(json.dumps(r) for r in RECORDS))
     suite = {"name": "double", "dataset": str(data), "optimisation_size": 5, "heldout_size": 10}
     (tmp_path / "b").mkdir()
-    base = {"base": str(tmp_path / "b"), "experts": [str(tmp_path / "b")], "suites": [suite]}
+    (tmp_path / "e").mkdir()
+    base = {"base": str(tmp_path / "b"), "experts": [str(tmp_path / "e")], "suites": [suite]}
     with ChatServer() as server:
         for judge, cls in [({"type": "exact_match", "normalizer": "number"}, ExactMatch),
                            ({"type": "llm", "model": "judge", "base_url": server.url, "scale": [1, 10]}, LLMJudge)]:

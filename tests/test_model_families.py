@@ -8,6 +8,7 @@ with transformers; PEFT LoRA experts against peft's own merge_and_unload.
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from mergekit_runner import load_all
 from psomerge.config import BasisSettings
-from psomerge.errors import CheckpointError
+from psomerge.errors import CheckpointError, IncompatibleModelsError
 from psomerge.merging.engine import run_merge
 from psomerge.merging.recipe import MergeRecipe
 from psomerge.swarm.basis import build_basis
@@ -231,9 +232,31 @@ def test_adapter_that_unties_the_embeddings_is_refused_with_the_reason(tmp_path)
     base_dir, (full,) = build_family(tmp_path, "qwen2", n_experts=1)
     adapter = _trained_adapter(tmp_path, base_dir, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
     with pytest.raises(CheckpointError, match=r"full copy \(modules_to_save\) of 'model\.embed_tokens\.weight'.*"
-                                              r"ties to its output embedding.*merge_and_unload"):
+                                              r"ties to its output embedding.*Untie the base first"):
         merge(tmp_path, "task_arithmetic", base_dir, [adapter, full])
     assert not (tmp_path / "out-task_arithmetic").exists()
+
+
+def test_over_an_untied_base_the_embedding_copy_merges_as_peft_does(tmp_path):
+    # the way out the error above names: the base saved untied, the adapter trained over it
+    tied_dir, (full,) = build_family(tmp_path, "qwen2", n_experts=1)
+    base_dir = tmp_path / "untied"
+    shutil.copytree(tied_dir, base_dir)
+    state = load_file(base_dir / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, base_dir / "model.safetensors", metadata={"format": "pt"})
+    for folder in (base_dir, full):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    state = load_file(full / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, full / "model.safetensors", metadata={"format": "pt"})
+    adapter = _trained_adapter(tmp_path, base_dir, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    unloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter)
+    base = load_all(base_dir)
+    as_peft = {n: t for n, t in unloaded.merge_and_unload().state_dict().items() if n in base}
+    out = merge(tmp_path, "task_arithmetic", base_dir, [adapter, full])
+    assert_same(load_all(out), ref_task_arithmetic(base, [as_peft, load_all(full)], WEIGHTS, 0.8))
 
 
 def test_adapter_on_the_lm_head_of_a_tied_model_says_why(tmp_path):
@@ -255,3 +278,9 @@ def test_redundant_lm_head_of_a_tied_expert_is_ignored(tmp_path):
     assert "lm_head.weight" not in load_all(out)
     assert_same(load_all(out), ref_task_arithmetic(base, experts, WEIGHTS, 0.8))
     assert_loads(out, base_dir)
+    # where the expert's config does not say it ties, its lm_head may be trained: refused
+    config = json.loads((e0 / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (e0 / "config.json").write_text(json.dumps(config))
+    with pytest.raises(IncompatibleModelsError, match=r"has 1 tensor\(s\) that base .* lacks: 'lm_head.weight'"):
+        merge(tmp_path, "ties", base_dir, [e0, e1], density=0.5)

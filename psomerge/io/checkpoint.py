@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from safetensors import SafetensorError, safe_open
 from psomerge.errors import CheckpointError
 from psomerge.hashing import digest
 from psomerge.io.model_files import TOKENIZER_FILES, copy_model_files
+
+log = logging.getLogger(__name__)
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -229,6 +232,12 @@ class Checkpoint:
                      infos: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
         """Every tensor the index names is in the shard it names (else the checkpoint is incomplete or mixed)."""
         wrong = sorted(n for n, fname in weight_map.items() if n not in infos)
+        if wrong == [n for n in wrong if n.endswith("lm_head.weight")] and wrong \
+                and self.config.get("tie_word_embeddings", True) is not False:
+            # a tied model re-sharded with its old index: transformers re-ties lm_head on load
+            log.warning("model %r: %s names %s, which no shard holds; the model ties it to its input embedding",
+                        self.name, index, wrong[0])
+            wrong = []
         if wrong:
             shown = ", ".join(f"{n!r} ({weight_map[n]})" for n in wrong[:5])
             more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""

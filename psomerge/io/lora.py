@@ -168,8 +168,9 @@ class LoraExpert:
                 raise CheckpointError(
                     f"model {self.name!r}: adapter tensor {key!r} is a full copy (modules_to_save) of {target!r}, "
                     f"which base {self.base.name!r} ties to its output embedding: peft's merge unties the two (the "
-                    "output layer keeps the base embedding), which no merge over the base's tensors can write. "
-                    "Merge the adapter with peft's merge_and_unload and use the saved model as the expert"
+                    "output layer keeps the base embedding), which no merge over the base's tensors can write. Untie "
+                    "the base first (save it with tie_word_embeddings=false, so it stores lm_head.weight) and merge "
+                    "over that base, or train the embedding with LoRA (target_modules) instead of modules_to_save"
                 )
             full[target] = key
         low_rank: dict[str, _LowRank] = {}
@@ -197,7 +198,8 @@ class LoraExpert:
         if not (target.endswith("lm_head.weight") and self._base_ties_embeddings()):
             return ""
         return (" (it ties its output embedding to its input one, tie_word_embeddings; an adapter that trains "
-                "or saves lm_head unties them: merge it with peft's merge_and_unload and use the saved model)")
+                "or saves lm_head unties them: untie the base first, saved with tie_word_embeddings=false so it "
+                "stores lm_head.weight, and merge over that base)")
 
     def _low_rank_of(self, module: str, parts: dict[str, str]) -> _LowRank:
         cfg = self.adapter_config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -99,7 +100,10 @@ def _check_same_token_ids(base: Model, other: Model, vocab_size: int | None) -> 
         return
     # a token only one of them has (a reserved token renamed by a fine-tune) is no mismatch: the row is the same slot
     limit = vocab_size if isinstance(vocab_size, int) else float("inf")
-    differ = [t for t, i in theirs.items() if t in ours and ours[t] != i and min(i, ours[t]) < limit]
+    # untrained placeholders (Llama 3's <|reserved_special_token_N|>, Gemma's <unusedN>) move between
+    # tokenizer versions; their rows carry nothing, so only real tokens count
+    differ = [t for t, i in theirs.items() if t in ours and ours[t] != i and min(i, ours[t]) < limit
+              and not _PLACEHOLDER.search(t)]
     if differ:
         shown = ", ".join(f"{t!r} (id {theirs[t]} vs {ours[t]})" for t in differ[:3])
         raise IncompatibleModelsError(
@@ -110,6 +114,7 @@ def _check_same_token_ids(base: Model, other: Model, vocab_size: int | None) -> 
         )
 
 
+_PLACEHOLDER = re.compile(r"reserved|unused", re.IGNORECASE)
 _TOKEN_IDS: dict[tuple, dict[str, int] | None] = {}
 
 
@@ -156,9 +161,10 @@ def _dtype(dtype: torch.dtype) -> str:
 
 
 def _redundant_output_embedding(base: Model, other: Model, extra: Sequence[str]) -> bool:
+    # the expert's config must say it ties: where it does not, a stored lm_head may be trained
     return (len(extra) == 1 and extra[0].endswith("lm_head.weight")
             and base.config.get("tie_word_embeddings", True) is not False
-            and other.config.get("tie_word_embeddings", True) is not False)
+            and other.config.get("tie_word_embeddings") is True)
 
 
 def _tying_hint(base: Model, other: Model) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shutil
 import stat
@@ -140,6 +141,8 @@ def write_checkpoint(
     (and the reference) is not world-readable, neither is the output.
     """
     out_dir = Path(out_dir)
+    if out_dir.name in ("", ".", ".."):  # `--out .`: the staging folder is named after the folder
+        out_dir = out_dir.resolve()
     _check_destination(out_dir, [reference, *inputs])
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -162,8 +165,8 @@ def write_checkpoint(
             for name, _, out_dtype in plan:
                 value = compute(name) if out_dtype.is_floating_point else None
                 if value is not None:
+                    _check_computed(value, name, out_dir, out_dtype)
                     value = value.to(out_dtype)
-                    _check_computed(value, name, out_dir)
                 writer.write(name, reference.get(name).to(out_dtype) if value is None else value)
                 if on_tensor:
                     on_tensor(name)
@@ -209,17 +212,23 @@ def _holds_checkpoint(folder: Path) -> bool:
                                          "pytorch_model.bin.index.json"))
 
 
-def _check_computed(value: torch.Tensor, name: str, out_dir: Path) -> None:
-    """A computed tensor with NaN or inf (a NaN or infinite weight, an overflow in the output
-    dtype) is refused before it is written: a model of NaN would load and answer garbage."""
-    if not value.is_floating_point() or bool(torch.isfinite(value.sum(dtype=torch.float32))):
+def _check_computed(value: torch.Tensor, name: str, out_dir: Path, out_dtype: torch.dtype) -> None:
+    """A computed tensor with NaN or inf, or beyond the range of the output dtype (an overflow
+    of fp16), is refused before it is written: a model of NaN would load and answer garbage.
+    One min/max pass over the tensor as computed, no copy (a 70B embedding is 4 GB in fp32)."""
+    if not value.is_floating_point() or value.numel() == 0:
         return
-    if not bool(torch.isfinite(value).all()):
-        raise CheckpointError(
-            f"output {out_dir}: merged tensor {name!r} is not finite ({int(torch.isnan(value).sum())} NaN, "
-            f"{int(torch.isinf(value).sum())} inf) in {str(value.dtype).removeprefix('torch.')}: check the merge's "
-            "weights and parameters (a NaN or infinite value, or an overflow of the output dtype); nothing was written"
-        )
+    lo, hi = (float(x) for x in torch.aminmax(value))
+    limit = torch.finfo(out_dtype).max if out_dtype.is_floating_point else math.inf
+    if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= limit:
+        return
+    nan, inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
+    where = (f"{nan} NaN, {inf} inf" if nan or inf
+             else f"values up to {max(-lo, hi):.3g}, beyond {str(out_dtype).removeprefix('torch.')}'s range")
+    raise CheckpointError(
+        f"output {out_dir}: merged tensor {name!r} is not finite ({where}): check the merge's weights and "
+        "parameters (a NaN or infinite value, or an overflow of the output dtype); nothing was written"
+    )
 
 
 def _remove_abandoned_staging(out_dir: Path) -> None:

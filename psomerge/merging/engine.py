@@ -44,13 +44,18 @@ def run_merge(
     method = recipe.method
     merged = recipe.merged_models()
     paths = [recipe.resolve_path(m.model) for _, m in merged]
+    base_path = recipe.resolve_path(recipe.base_model) if recipe.base_model else None
     seen: dict[Path, int] = {}
     for (i, m), path in zip(merged, paths):
+        if method.requires_base and base_path is not None and path.resolve() == base_path.resolve():
+            raise ConfigError(f"{recipe.source}: models[{i}] {m.model!r} is the base_model folder "
+                              f"({recipe.base_model!r}) spelt another way: its task vector is zero; list it as "
+                              "the base only")
         first = seen.setdefault(path.resolve(), i)
         if first != i:
             raise ConfigError(f"{recipe.source}: models[{i}] {m.model!r} is the folder of models[{first}] again: "
                               "list each model once (give it a larger weight instead)")
-    base = open_model(recipe.resolve_path(recipe.base_model), name=recipe.base_model) if recipe.base_model else None
+    base = open_model(base_path, name=recipe.base_model) if base_path is not None else None
     ckpts = [open_model(path, name=m.model, base=base) for (_, m), path in zip(merged, paths)]
     models = ([base] if base is not None else []) + ckpts
     reference, rest = align_vocabularies(models[0], models[1:], recipe.tokenizer_source, base_rule=base is not None)

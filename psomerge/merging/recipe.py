@@ -13,7 +13,7 @@ from psomerge.errors import ConfigError
 from psomerge.io.checkpoint import DTYPES
 from psomerge.io.vocab import TOKENIZER_SOURCES
 from psomerge.merging.methods import MergeMethod, MergeOptions, ModelParams, get_method
-from psomerge.merging.sparsify import RESCALES
+from psomerge.merging.sparsify import RESCALES, Rescale
 from psomerge.yamlconfig import read_yaml, validate
 
 # A parameter is a number, or mergekit's filter list: [{filter: "mlp", value: 0.5}, {value: 1}].
@@ -129,12 +129,12 @@ class MergeRecipe(BaseModel):
     def options(self, tensor_name: str) -> MergeOptions:
         normalize = self.parameters.get("normalize", self.method.default_normalize)
         return MergeOptions(
-            normalize=bool(_resolve(normalize, tensor_name, "parameters.normalize", self.source)),
+            normalize=bool(_flag(_resolve(normalize, tensor_name, "parameters.normalize", self.source))),
             lam=float(_resolve(self.parameters.get("lambda", 1.0), tensor_name, "parameters.lambda", self.source)),
-            rescale=str(_resolve(self.parameters.get("rescale", "inverse"), tensor_name, "parameters.rescale",
-                                 self.source)),  # type: ignore[arg-type]
-            int8_mask=bool(_resolve(self.parameters.get("int8_mask", False), tensor_name, "parameters.int8_mask",
-                                    self.source)),
+            rescale=_rescale(_resolve(self.parameters.get("rescale", "inverse"), tensor_name, "parameters.rescale",
+                                      self.source)),
+            int8_mask=bool(_flag(_resolve(self.parameters.get("int8_mask", False), tensor_name,
+                                          "parameters.int8_mask", self.source))),
         )
 
     def model_params(self, index: int, tensor_name: str) -> ModelParams:
@@ -163,6 +163,13 @@ class MergeRecipe(BaseModel):
 _FLAGS = frozenset({"normalize", "int8_mask"})
 
 
+def _rescale(value: Any) -> Rescale:
+    """mergekit's rescale is a flag: true is its L1 rescaling, false none."""
+    if isinstance(value, bool):
+        return "l1" if value else "none"
+    return value  # checked against RESCALES when the recipe loaded
+
+
 def _check_param(key: str, value: ParamValue, where: str) -> None:
     """One parameter's value (each value of a filter list): the type and range its key takes,
     checked when the recipe loads so a bad value is named before any model is read."""
@@ -175,11 +182,12 @@ def _check_param(key: str, value: ParamValue, where: str) -> None:
         values = [item["value"] for item in value]
     for v in values:
         if key in _FLAGS:
-            if not isinstance(v, bool):
+            if _flag(v) is None:
                 raise ConfigError(f"{where}: {v!r} is not true or false")
         elif key == "rescale":
-            if v not in RESCALES:
-                raise ConfigError(f"{where}: {v!r} is not one of {', '.join(RESCALES)}")
+            if not isinstance(v, bool) and v not in RESCALES:
+                raise ConfigError(f"{where}: {v!r} is not one of {', '.join(RESCALES)}, true (mergekit's: l1) "
+                                  "or false (none)")
         else:
             number = _number(v)
             if number is None or not math.isfinite(number):
@@ -188,6 +196,14 @@ def _check_param(key: str, value: ParamValue, where: str) -> None:
                 raise ConfigError(f"{where}: {v!r} is not in [0, 1] (the fraction of each task vector kept)")
             if key == "epsilon" and number < 0:
                 raise ConfigError(f"{where}: {v!r} is negative")
+
+
+def _flag(value: Any) -> bool | None:
+    """true or false; mergekit-evolve writes flags as 1.0 and 0.0, so 0 and 1 count too."""
+    if isinstance(value, bool):
+        return value
+    number = _number(value)
+    return bool(number) if number in (0.0, 1.0) else None
 
 
 def _number(value: Any) -> float | None:

@@ -44,7 +44,9 @@ def writable_tensors(target: torch.nn.Module | Mapping[str, torch.Tensor],
             shown = ", ".join(repr(n) for n in missed[:3]) + (f" and {len(missed) - 3} more" if len(missed) > 3 else "")
             raise CheckpointError(
                 f"{type(target).__name__}: no checkpoint tensor matches parameter(s) {shown} (checkpoint names "
-                f"look like {', '.join(repr(n) for n in list(names)[:2])}): their weights could not be written")
+                f"look like {', '.join(repr(n) for n in list(names)[:2])}): their weights could not be written. "
+                "transformers renames or fuses some weights when it loads them (GPT-NeoX's embed_out, fused MoE "
+                "experts), which this resident model does not follow: such architectures are not supported here")
     return tensors
 
 
