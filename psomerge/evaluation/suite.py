@@ -10,9 +10,13 @@ prompts and metric come from lm-eval (``lm_eval_suite.py``).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
 import json
+import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +35,8 @@ from psomerge.judges.exact_match import ExactMatchSettings
 from psomerge.judges.protocol import Example, Scorer
 from psomerge.templates import field_validator_for, fill
 from psomerge.yamlconfig import StrictModel
+
+log = logging.getLogger(__name__)
 
 
 class FitnessTerm(StrictModel):
@@ -160,32 +166,56 @@ class EvalSuite:
         id_field: str | None = None,
         chat: ChatSettings | None = None,
         base_model: str | Path | None = None,
+        where: Sequence[str] | None = None,
         **splits: Any,
     ) -> "EvalSuite":
         """``chat`` renders the prompts through a chat template (the tokenizer of
-        ``chat.tokenizer``, else of ``base_model``)."""
+        ``chat.tokenizer``, else of ``base_model``). ``where`` names where each record was read
+        (``file:line``); by default ``record i of source``."""
+        if not records:
+            raise ConfigError(f"eval suite {name!r}: {source} holds no records")
         examples = []
         what = f"eval suite {name!r}: prompt_template"
+        seen_ids: dict[str, str] = {}
+        labels = [where[i] if where else f"record {i} of {source}" for i in range(len(records))]
         for i, rec in enumerate(records):
+            label = labels[i]
             if not isinstance(rec, dict):
-                raise ConfigError(f"eval suite {name!r}: record {i} of {source} is not an object "
-                                  f"(got {type(rec).__name__})")
-            prompt = fill(prompt_template, rec, what=what, record=f"record {i} of {source}")
+                raise ConfigError(f"eval suite {name!r}: {label} is not an object (got {type(rec).__name__})")
+            prompt = fill(prompt_template, rec, what=what, record=label)
             if answer_field not in rec:
-                raise ConfigError(
-                    f"eval suite {name!r}: answer_field {answer_field!r} missing in record {i} of {source}"
-                )
-            ex_id = str(rec[id_field]) if id_field else str(i)
-            examples.append(Example(ex_id, prompt, str(rec[answer_field]), dict(rec)))
+                raise ConfigError(f"eval suite {name!r}: answer_field {answer_field!r} missing in {label}")
+            answer = rec[answer_field]
+            if answer is None or isinstance(answer, (list, dict)) or (isinstance(answer, float)
+                                                                       and not math.isfinite(answer)):
+                raise ConfigError(f"eval suite {name!r}: answer_field {answer_field!r} in {label} is {answer!r}; "
+                                  "an answer must be a string or a number")
+            if id_field:
+                if rec.get(id_field) is None:
+                    raise ConfigError(f"eval suite {name!r}: id_field {id_field!r} missing in {label}")
+                ex_id = str(rec[id_field])
+                if ex_id in seen_ids:
+                    raise ConfigError(f"eval suite {name!r}: id_field {id_field!r}: {label} repeats id {ex_id!r} "
+                                      f"of {seen_ids[ex_id]}")
+                seen_ids[ex_id] = label
+            else:
+                ex_id = str(i)
+            examples.append(Example(ex_id, prompt, str(answer), dict(rec)))
         if chat is not None:
             prompts = _chat_prompts(name, examples, chat, ChatTemplate.for_suite(name, chat, base_model),
                                     {k: splits.get(k, _default(k)) for k in _SPLIT_KEYS})
+            prompts_before_chat = [ex.prompt for ex in examples]
             examples = [Example(ex.id, p, ex.answer, ex.fields) for ex, p in zip(examples, prompts)]
-        return cls(name, examples, scorer, **splits)
+        else:
+            prompts_before_chat = [ex.prompt for ex in examples]
+        suite = cls(name, examples, scorer, **splits)
+        _warn_of_leaks(suite, prompts_before_chat, labels)
+        return suite
 
     @classmethod
     def from_file(cls, name: str, path: str | Path, hf_split: str | None = None, **kwargs: Any) -> "EvalSuite":
-        return cls.from_records(name, read_records(path, hf_split), source=str(path), **kwargs)
+        records, where = _read_records(path, hf_split)
+        return cls.from_records(name, records, source=str(path), where=where, **kwargs)
 
     @classmethod
     def from_settings(cls, s: SuiteSettings, *, judge_cache: str | Path | None = None,
@@ -224,6 +254,31 @@ def examples_fingerprint(examples: Sequence[Example]) -> str:
     return h.hexdigest()
 
 
+def _warn_of_leaks(suite: EvalSuite, prompts: Sequence[str], labels: Sequence[str]) -> None:
+    """Warn where records with the same prompt fall in the optimisation split and in another:
+    the search then sees examples that validation or the held-out evaluation score again."""
+    split_of = {}
+    for which in ("optimisation", "validation", "heldout"):
+        for i in split_positions(suite._order, which, suite.optimisation_size, suite.validation_size,
+                                 suite.heldout_size):
+            split_of[i] = which
+    first: dict[str, int] = {}
+    leaks = []
+    for i, prompt in enumerate(prompts):
+        if prompt in first:
+            j = first[prompt]
+            if "optimisation" in (split_of.get(i), split_of.get(j)) and split_of.get(i) != split_of.get(j):
+                leaks.append((j, i))
+        else:
+            first[prompt] = i
+    if leaks:
+        j, i = leaks[0]
+        log.warning("eval suite %r: %d record(s) repeat a prompt of another split, e.g. %s and %s (%s and %s "
+                    "splits): scores outside the optimisation split are not independent of the search; remove "
+                    "duplicate records", suite.name, len(leaks), labels[j], labels[i],
+                    split_of.get(j), split_of.get(i))
+
+
 def _chat_prompts(suite: str, examples: Sequence[Example], chat: ChatSettings, template: ChatTemplate,
                   splits: dict[str, Any]) -> list[str]:
     """Each example's prompt as a chat: the system prompt, ``chat.shots`` examples of the
@@ -244,6 +299,37 @@ def _chat_prompts(suite: str, examples: Sequence[Example], chat: ChatSettings, t
 
 def read_records(path: str | Path, hf_split: str | None = None) -> list[dict[str, Any]]:
     """Records of a local JSONL, CSV or parquet file, or of a ``datasets`` folder saved to disk."""
+    return _read_records(path, hf_split)[0]
+
+
+class _Refused(ValueError):
+    """JSON that parses but that psomerge refuses (NaN, a repeated key)."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not JSON")
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Refused(f"key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+def _decode(path: Path, raw: bytes, line: int = 1) -> str:
+    """``raw`` as UTF-8 (a leading byte-order mark dropped), or an error naming the line."""
+    try:
+        return raw.decode("utf-8-sig" if line == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        line += raw[:exc.start].count(b"\n")
+        raise ConfigError(f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
+
+
+def _read_records(path: str | Path, hf_split: str | None = None) -> tuple[list[dict[str, Any]], list[str] | None]:
+    """Records, and for a JSONL or CSV file where each was read (``file:line``)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"dataset file {path} does not exist")
@@ -258,25 +344,41 @@ def read_records(path: str | Path, hf_split: str | None = None) -> list[dict[str
             if hf_split not in data:
                 raise ConfigError(f"dataset folder {path} holds splits {sorted(data)}: set dataset_split to one")
             data = data[hf_split]
-        return [dict(r) for r in data]
-    if path.suffix == ".parquet":
+        return [dict(r) for r in data], None
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    if path.suffix in (".jsonl", ".json"):
-        records = []
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        return pq.read_table(path).to_pylist(), None
+    if suffix in (".jsonl", ".json"):
+        records, where = [], []
+        # only \n ends a record: str.splitlines() would also cut at U+2028, U+0085 and form feeds,
+        # which JSON strings may hold unescaped
+        for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+            line = _decode(path, raw[len(codecs.BOM_UTF8):] if lineno == 1 and raw.startswith(codecs.BOM_UTF8)
+                           else raw, lineno)
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    records.append(json.loads(line, parse_constant=_no_constant, object_pairs_hook=_no_repeated_keys))
                 except json.JSONDecodeError as exc:
                     raise ConfigError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                except _Refused as exc:
+                    raise ConfigError(f"{path}:{lineno}: {exc}") from None
                 if not isinstance(records[-1], dict):
                     raise ConfigError(f"{path}:{lineno}: a record must be a JSON object, got "
                                       f"{type(records[-1]).__name__}")
-        return records
-    if path.suffix == ".csv":
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
+                where.append(f"{path}:{lineno}")
+        return records, where
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(_decode(path, path.read_bytes()), newline=""))
+        records, where = [], []
+        for row in reader:
+            if None in row or None in row.values():
+                count = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+                raise ConfigError(f"{path}:{reader.line_num}: {count} values where the header names "
+                                  f"{len(reader.fieldnames or [])} columns")
+            records.append(row)
+            where.append(f"{path}:{reader.line_num}")
+        return records, where
     raise ConfigError(f"dataset file {path}: unsupported format {path.suffix!r} "
                       "(use .jsonl, .csv, .parquet or a datasets folder)")
