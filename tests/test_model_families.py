@@ -284,3 +284,11 @@ def test_redundant_lm_head_of_a_tied_expert_is_ignored(tmp_path):
     (e0 / "config.json").write_text(json.dumps(config))
     with pytest.raises(IncompatibleModelsError, match=r"has 1 tensor\(s\) that base .* lacks: 'lm_head.weight'"):
         merge(tmp_path, "ties", base_dir, [e0, e1], density=0.5)
+
+
+def test_layouts_that_differ_by_a_leading_module_are_named(tmp_path):
+    # a hub GPT-2 base with an expert saved by transformers (which adds 'transformer.')
+    base_dir, expert_dirs = hub_gpt2(tmp_path)
+    _, (saved,) = build_family(tmp_path / "saved", "gpt2", n_experts=1)
+    with pytest.raises(IncompatibleModelsError, match=r"missing .* with and without a leading module"):
+        merge(tmp_path, "task_arithmetic", base_dir, [expert_dirs[0], saved])

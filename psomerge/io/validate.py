@@ -59,7 +59,7 @@ def check_compatible(base: Model, others: Sequence[Model]) -> None:
         if missing:
             raise IncompatibleModelsError(
                 f"model {other.name!r} is missing {len(missing)} tensor(s) that base "
-                f"{base.name!r} has: {_listing(missing)}{_tying_hint(base, other)}"
+                f"{base.name!r} has: {_listing(missing)}{_tying_hint(base, other)}{_prefix_hint(missing, names)}"
             )
         extra = sorted(names - base_names)
         if extra and _redundant_output_embedding(base, other, extra):
@@ -158,6 +158,16 @@ def _read_token_ids(path: Path) -> dict[str, int] | None:
 
 def _dtype(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _prefix_hint(missing: Sequence[str], names: set[str]) -> str:
+    """Where the two models name the same tensors with and without a leading module (GPT-2 on
+    the hub has ``h.0...``, transformers saves ``transformer.h.0...``), say so."""
+    without_head = {n.split(".", 1)[1] for n in names if "." in n}
+    if not any(m.split(".", 1)[-1] in names or m in without_head for m in missing):
+        return ""
+    return (" (they name the same tensors with and without a leading module, such as 'transformer.': the models "
+            "were saved in different layouts; load and save them all with one transformers version so they share one)")
 
 
 def _redundant_output_embedding(base: Model, other: Model, extra: Sequence[str]) -> bool:
